@@ -1,0 +1,212 @@
+//! Request and response bodies of the idempotency service.
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::sync::mpsc;
+
+use crate::BoxError;
+
+pin_project! {
+    /// The request body the inner service sees: the original body when the layer did not
+    /// buffer it (uncovered methods, unprotected requests), else the buffered chunks, unchanged
+    /// and uncopied.
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestKindProj]
+    enum RequestKind<B> {
+        Inner { #[pin] body: B },
+        Buffered { chunks: VecDeque<Bytes>, trailers: Option<HeaderMap>, remaining: u64 },
+    }
+}
+
+impl<B> RequestBody<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        RequestBody {
+            kind: RequestKind::Inner { body },
+        }
+    }
+
+    pub(crate) fn buffered(chunks: VecDeque<Bytes>, trailers: Option<HeaderMap>) -> Self {
+        let remaining = chunks.iter().map(|c| c.len() as u64).sum();
+        RequestBody {
+            kind: RequestKind::Buffered {
+                chunks,
+                trailers,
+                remaining,
+            },
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for RequestBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            RequestKindProj::Inner { body } => body.poll_frame(cx),
+            RequestKindProj::Buffered {
+                chunks,
+                trailers,
+                remaining,
+            } => Poll::Ready(match chunks.pop_front() {
+                Some(c) => {
+                    *remaining -= c.len() as u64;
+                    Some(Ok(Frame::data(c)))
+                }
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            }),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Inner { body } => body.is_end_stream(),
+            RequestKind::Buffered {
+                chunks, trailers, ..
+            } => chunks.is_empty() && trailers.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RequestKind::Inner { body } => body.size_hint(),
+            RequestKind::Buffered { remaining, .. } => SizeHint::with_exact(*remaining),
+        }
+    }
+}
+
+impl<B> fmt::Debug for RequestBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            RequestKind::Inner { .. } => f.write_str("RequestBody::Inner"),
+            RequestKind::Buffered { remaining, .. } => {
+                write!(f, "RequestBody::Buffered({remaining} bytes)")
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The response body of the idempotency service: the inner body untouched (pass-through),
+    /// a whole body (first execution that fit the stored-response limit, replay, problem), or
+    /// frames relayed from the task that runs the inner service (streams, large bodies).
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: ResponseKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = ResponseKindProj]
+    enum ResponseKind<B> {
+        Inner { #[pin] body: B },
+        Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        Channel { rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>, done: bool },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        ResponseBody {
+            kind: ResponseKind::Inner { body },
+        }
+    }
+
+    pub(crate) fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        ResponseBody {
+            kind: ResponseKind::Full {
+                data: (!data.is_empty()).then_some(data),
+                trailers,
+            },
+        }
+    }
+
+    pub(crate) fn channel(rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>) -> Self {
+        ResponseBody {
+            kind: ResponseKind::Channel { rx, done: false },
+        }
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            ResponseKindProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
+            ResponseKindProj::Full { data, trailers } => Poll::Ready(
+                data.take()
+                    .map(|d| Ok(Frame::data(d)))
+                    .or_else(|| trailers.take().map(|t| Ok(Frame::trailers(t)))),
+            ),
+            ResponseKindProj::Channel { rx, done } => {
+                if *done {
+                    return Poll::Ready(None);
+                }
+                let next = ready!(rx.poll_recv(cx));
+                if next.is_none() {
+                    *done = true;
+                }
+                Poll::Ready(next)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Inner { body } => body.is_end_stream(),
+            ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
+            ResponseKind::Channel { done, .. } => *done,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Inner { body } => body.size_hint(),
+            ResponseKind::Full { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ResponseKind::Channel { .. } => SizeHint::default(),
+        }
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            ResponseKind::Inner { .. } => f.write_str("ResponseBody::Inner"),
+            ResponseKind::Full { data, .. } => write!(
+                f,
+                "ResponseBody::Full({} bytes)",
+                data.as_ref().map_or(0, |d| d.len())
+            ),
+            ResponseKind::Channel { .. } => f.write_str("ResponseBody::Stream"),
+        }
+    }
+}

@@ -1,0 +1,825 @@
+//! [`IdempotencyService`]: the request flow.
+//!
+//! 1. Uncovered method → straight to the inner service.
+//! 2. Key: parse `Idempotency-Key` (or derive one, or pass through, or 400).
+//! 3. Scope, then read the body under the limit while hashing it (one pass).
+//! 4. Local coalescing: the first request of a key on this instance becomes the *local leader*;
+//!    concurrent duplicates wait for its outcome, so the store sees the key once.
+//! 5. The local leader claims the key in the store: replay, 422, wait for another instance, or
+//!    run the inner service in a spawned task (so a disconnecting client cannot cancel it).
+//! 6. The task stores or releases the outcome, answers its own client and every waiter.
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    future::Future,
+    panic::AssertUnwindSafe,
+    pin::pin,
+    sync::{Arc, OnceLock},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use dashmap::{DashMap, mapref::entry::Entry};
+use futures_util::FutureExt;
+use http::{HeaderMap, HeaderValue, Request, Response, header, request, response};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use tokio::{
+    sync::{Notify, mpsc, oneshot},
+    time::Instant,
+};
+use tower_service::Service;
+
+use crate::{
+    BoxError,
+    body::{RequestBody, ResponseBody},
+    future::ResponseFuture,
+    key::{self, Fingerprint, FingerprintHasher, StoreKey},
+    policy::{Concurrent, Config, DoNotStore, FailureMode, KeyMode},
+    problem::{Problem, ProblemKind},
+    record::{Record, StoredResponse},
+    store::{Claim, ClaimRequest, Store, StoreError, Token},
+};
+
+/// Frames buffered between the leader's task and a streamed response's client.
+const STREAM_CHANNEL: usize = 16;
+
+/// The in-process table of keys being handled on this instance.
+pub(crate) type Flights = DashMap<StoreKey, Arc<Flight>>;
+
+/// State shared by every service made from one layer.
+pub(crate) struct Shared<St> {
+    pub(crate) config: Config,
+    pub(crate) store: Arc<St>,
+    pub(crate) flights: Arc<Flights>,
+}
+
+/// One key being handled on this instance: the local leader publishes its outcome once.
+pub(crate) struct Flight {
+    fingerprint: Fingerprint,
+    outcome: OnceLock<Outcome>,
+    notify: Notify,
+}
+
+#[derive(Clone)]
+enum Outcome {
+    /// The store holds this record (replayable or not).
+    Stored(Arc<Record>),
+    /// The response was not stored (5xx, 429, veto…); waiters get a copy, a retry runs again.
+    Unstored(Arc<StoredResponse>),
+    /// Everyone answers with this problem.
+    Problem(ProblemKind),
+    /// The local leader went away before an outcome: waiters start over.
+    Abandoned,
+}
+
+impl Flight {
+    async fn wait(&self) -> Outcome {
+        loop {
+            // Created before the check: `notify_waiters` reaches it even before it is polled.
+            let notified = self.notify.notified();
+            if let Some(o) = self.outcome.get() {
+                return o.clone();
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Held by the local leader of a key; publishes the outcome to local waiters exactly once,
+/// [`Outcome::Abandoned`] if dropped without one.
+struct FlightGuard {
+    flights: Arc<Flights>,
+    key: StoreKey,
+    flight: Arc<Flight>,
+    done: bool,
+}
+
+impl FlightGuard {
+    fn publish(&mut self, outcome: Outcome) {
+        self.done = true;
+        // Leave the table first, so a waiter that starts over never finds this flight again.
+        self.flights
+            .remove_if(&self.key, |_, f| Arc::ptr_eq(f, &self.flight));
+        let _ = self.flight.outcome.set(outcome);
+        self.flight.notify.notify_waiters();
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.publish(Outcome::Abandoned);
+        }
+    }
+}
+
+/// The service made by [`IdempotencyLayer`](crate::IdempotencyLayer).
+pub struct IdempotencyService<S, St> {
+    inner: S,
+    shared: Arc<Shared<St>>,
+}
+
+impl<S, St> IdempotencyService<S, St> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<St>>) -> Self {
+        IdempotencyService { inner, shared }
+    }
+}
+
+impl<S: Clone, St> Clone for IdempotencyService<S, St> {
+    fn clone(&self) -> Self {
+        IdempotencyService {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, St> fmt::Debug for IdempotencyService<S, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyService")
+            .field("inner", &self.inner)
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+type LeaderResult<B, E> = Result<Response<ResponseBody<B>>, E>;
+
+impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for IdempotencyService<S, St>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Store,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let config = &self.shared.config;
+        if !config.covers(req.method()) {
+            return ResponseFuture::inner(self.inner.call(req.map(RequestBody::inner)));
+        }
+        let (parts, body) = req.into_parts();
+        let client_key = match key::parse_header(&parts.headers) {
+            Ok(k) => k,
+            Err(e) => {
+                return ResponseFuture::ready(self.shared.problem(ProblemKind::InvalidKey(e)));
+            }
+        };
+        if client_key.is_none() {
+            match config.key_mode {
+                KeyMode::Optional => {
+                    let req = Request::from_parts(parts, RequestBody::inner(body));
+                    return ResponseFuture::inner(self.inner.call(req));
+                }
+                KeyMode::Required => {
+                    return ResponseFuture::ready(self.shared.problem(ProblemKind::MissingKey));
+                }
+                KeyMode::Derive => {}
+            }
+        }
+        let limit = config.max_body as u64;
+        if declared_length(&parts.headers).is_some_and(|n| n > limit)
+            || body.size_hint().lower() > limit
+        {
+            return ResponseFuture::ready(self.shared.problem(ProblemKind::BodyTooLarge));
+        }
+        let scope = (config.scope)(&parts);
+        let client_key = client_key.map(|k| key::client_store_key(&scope, k.as_bytes()));
+        let hasher = FingerprintHasher::new(&scope, &parts);
+        // The readied service goes with this request; `self` keeps a fresh clone.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        ResponseFuture::covered(Box::pin(covered(
+            shared, inner, parts, body, hasher, client_key,
+        )))
+    }
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+impl<St: Store> Shared<St> {
+    fn problem<B: Body>(&self, kind: ProblemKind) -> Response<ResponseBody<B>> {
+        self.config
+            .responder
+            .respond(&Problem::new(kind))
+            .map(|b| ResponseBody::full(b, None))
+    }
+
+    fn replay<B: Body>(&self, response: &StoredResponse) -> Response<ResponseBody<B>> {
+        let mut res = Response::new(ResponseBody::full(
+            response.body.clone(),
+            response.trailers.clone(),
+        ));
+        *res.status_mut() = response.status;
+        *res.headers_mut() = response.headers.clone();
+        res.headers_mut().insert(
+            self.config.replay_header.clone(),
+            HeaderValue::from_static("true"),
+        );
+        res
+    }
+
+    /// The answer of a duplicate that shares `outcome`.
+    fn answer<B: Body>(&self, outcome: &Outcome) -> Response<ResponseBody<B>> {
+        match outcome {
+            Outcome::Stored(record) => match &record.response {
+                Some(r) => self.replay(r),
+                None => self.problem(ProblemKind::NotReplayable),
+            },
+            Outcome::Unstored(r) => self.replay(r),
+            Outcome::Problem(kind) => self.problem(*kind),
+            Outcome::Abandoned => self.problem(ProblemKind::LeaderFailed),
+        }
+    }
+
+    async fn store_op<T>(
+        &self,
+        timeout: Duration,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(timeout, op)
+            .await
+            .unwrap_or(Err(StoreError::Timeout))
+    }
+
+    /// Completes (with a record) or releases (without) the key of a finished leader.
+    async fn settle(
+        &self,
+        key: StoreKey,
+        token: Option<Token>,
+        record: Option<Arc<Record>>,
+        ttl: Duration,
+    ) {
+        let Some(token) = token else { return };
+        let t = self.config.store_timeout;
+        let (step, result) = match record {
+            Some(r) => (
+                "complete",
+                self.store_op(t, self.store.complete(key, token, r, ttl))
+                    .await,
+            ),
+            None => (
+                "release",
+                self.store_op(t, self.store.release(key, token)).await,
+            ),
+        };
+        match result {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                %key, step,
+                "idempotency claim was lost before the outcome was recorded (lease expired and taken over?)"
+            ),
+            Err(error) => {
+                tracing::warn!(%key, step, %error, "idempotency store failed to record the outcome")
+            }
+        }
+    }
+
+    /// Headers of `parts` that may be stored and replayed.
+    fn storable_headers(&self, headers: &HeaderMap) -> HeaderMap {
+        let mut out = HeaderMap::with_capacity(headers.len());
+        for (name, value) in headers {
+            if self.config.keeps_header(name) {
+                out.append(name.clone(), value.clone());
+            }
+        }
+        out
+    }
+
+    fn storable(&self, parts: &response::Parts) -> bool {
+        (self.config.store_if)(parts) && parts.extensions.get::<DoNotStore>().is_none()
+    }
+}
+
+/// Reads the whole body under `limit`, hashing each chunk as it arrives.
+async fn read_body<B: Body<Data = Bytes>>(
+    body: B,
+    limit: usize,
+    hasher: &mut FingerprintHasher,
+) -> Result<(VecDeque<Bytes>, Option<HeaderMap>), ProblemKind> {
+    let mut body = pin!(body);
+    let mut chunks = VecDeque::new();
+    let mut trailers = None;
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| ProblemKind::BodyReadError)?;
+        match frame.into_data() {
+            Ok(data) => {
+                len += data.len();
+                if len > limit {
+                    return Err(ProblemKind::BodyTooLarge);
+                }
+                hasher.update(&data);
+                if !data.is_empty() {
+                    chunks.push_back(data);
+                }
+            }
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers = Some(t);
+                }
+            }
+        }
+    }
+    Ok((chunks, trailers))
+}
+
+async fn covered<S, St, ReqBody, ResBody>(
+    shared: Arc<Shared<St>>,
+    inner: S,
+    parts: request::Parts,
+    body: ReqBody,
+    mut hasher: FingerprintHasher,
+    client_key: Option<StoreKey>,
+) -> LeaderResult<ResBody, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Store,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let config = &shared.config;
+    let deadline = Instant::now() + config.max_wait;
+    let (chunks, trailers) = match read_body(body, config.max_body, &mut hasher).await {
+        Ok(read) => read,
+        Err(kind) => return Ok(shared.problem(kind)),
+    };
+    let fingerprint = hasher.finish();
+    let (key, ttl) = match client_key {
+        Some(k) => (k, config.client_key_ttl),
+        None => (StoreKey(fingerprint.0), config.derived_key_ttl),
+    };
+    let req = Request::from_parts(parts, RequestBody::buffered(chunks, trailers));
+    loop {
+        let (flight, leads) = match shared.flights.entry(key) {
+            Entry::Occupied(o) => (o.get().clone(), false),
+            Entry::Vacant(v) => {
+                let flight = Arc::new(Flight {
+                    fingerprint,
+                    outcome: OnceLock::new(),
+                    notify: Notify::new(),
+                });
+                v.insert(flight.clone());
+                (flight, true)
+            }
+        };
+        if leads {
+            let guard = FlightGuard {
+                flights: shared.flights.clone(),
+                key,
+                flight,
+                done: false,
+            };
+            let leader = LocalLeader {
+                key,
+                fingerprint,
+                ttl,
+                deadline,
+                guard,
+            };
+            return leader.lead(shared, inner, req).await;
+        }
+        let joined = flight;
+        if joined.fingerprint != fingerprint {
+            return Ok(shared.problem(ProblemKind::FingerprintMismatch));
+        }
+        if config.concurrent == Concurrent::Reject {
+            return Ok(shared.problem(ProblemKind::InFlight));
+        }
+        match tokio::time::timeout_at(deadline, joined.wait()).await {
+            Err(_) => return Ok(shared.problem(ProblemKind::InFlight)),
+            Ok(Outcome::Abandoned) => continue,
+            Ok(outcome) => return Ok(shared.answer(&outcome)),
+        }
+    }
+}
+
+/// The first request of a key on this instance.
+struct LocalLeader {
+    key: StoreKey,
+    fingerprint: Fingerprint,
+    ttl: Duration,
+    deadline: Instant,
+    guard: FlightGuard,
+}
+
+impl LocalLeader {
+    async fn lead<S, St, ReqBody, ResBody>(
+        mut self,
+        shared: Arc<Shared<St>>,
+        inner: S,
+        req: Request<RequestBody<ReqBody>>,
+    ) -> LeaderResult<ResBody, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        St: Store,
+        ReqBody: Body<Data = Bytes> + Send + 'static,
+        ResBody: Body<Data = Bytes> + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        let config = &shared.config;
+        let claim_req = ClaimRequest {
+            fingerprint: self.fingerprint,
+            lease: config.lease,
+            ttl: self.ttl,
+            reclaim: config.reclaim,
+        };
+        let kind = loop {
+            let claim = shared
+                .store_op(
+                    config.store_timeout,
+                    shared.store.claim(self.key, claim_req),
+                )
+                .await;
+            let claim = match claim {
+                Ok(c) => c,
+                Err(error) => return self.store_failed(shared, inner, req, error).await,
+            };
+            match claim {
+                Claim::Acquired { token } => {
+                    return self.spawn(shared, inner, req, Some(token)).await;
+                }
+                Claim::Completed(record) if record.fingerprint == self.fingerprint => {
+                    let outcome = Outcome::Stored(record);
+                    let res = shared.answer(&outcome);
+                    self.guard.publish(outcome);
+                    return Ok(res);
+                }
+                Claim::Completed(_) => break ProblemKind::FingerprintMismatch,
+                Claim::Abandoned { fingerprint } | Claim::InFlight { fingerprint }
+                    if fingerprint != self.fingerprint =>
+                {
+                    break ProblemKind::FingerprintMismatch;
+                }
+                Claim::Abandoned { .. } => break ProblemKind::OutcomeUnknown,
+                Claim::InFlight { .. } if config.concurrent == Concurrent::Reject => {
+                    break ProblemKind::InFlight;
+                }
+                Claim::InFlight { .. } => {
+                    // Held by another instance: wait for it, then claim again.
+                    let left = self.deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break ProblemKind::InFlight;
+                    }
+                    let wait = shared.store.wait(self.key, left);
+                    if let Err(error) = shared.store_op(left + config.store_timeout, wait).await {
+                        return self.store_failed(shared, inner, req, error).await;
+                    }
+                }
+            }
+        };
+        self.guard.publish(Outcome::Problem(kind));
+        Ok(shared.problem(kind))
+    }
+
+    async fn store_failed<S, St, ReqBody, ResBody>(
+        mut self,
+        shared: Arc<Shared<St>>,
+        inner: S,
+        req: Request<RequestBody<ReqBody>>,
+        error: StoreError,
+    ) -> LeaderResult<ResBody, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        St: Store,
+        ReqBody: Body<Data = Bytes> + Send + 'static,
+        ResBody: Body<Data = Bytes> + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        match shared.config.failure_mode {
+            FailureMode::Closed => {
+                tracing::warn!(key = %self.key, %error, "idempotency store failed; answering 503 (fail closed)");
+                self.guard
+                    .publish(Outcome::Problem(ProblemKind::StoreUnavailable));
+                Ok(shared.problem(ProblemKind::StoreUnavailable))
+            }
+            FailureMode::Open => {
+                tracing::warn!(key = %self.key, %error, "idempotency store failed; running the request without cross-instance protection (fail open)");
+                // Still one execution among this instance's duplicates; the store is skipped.
+                self.spawn(shared, inner, req, None).await
+            }
+        }
+    }
+
+    /// Runs the inner service in its own task and awaits the response like any waiter.
+    async fn spawn<S, St, ReqBody, ResBody>(
+        self,
+        shared: Arc<Shared<St>>,
+        inner: S,
+        req: Request<RequestBody<ReqBody>>,
+        token: Option<Token>,
+    ) -> LeaderResult<ResBody, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        St: Store,
+        ReqBody: Body<Data = Bytes> + Send + 'static,
+        ResBody: Body<Data = Bytes> + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        let (tx, rx) = oneshot::channel();
+        let task = Execution {
+            shared: shared.clone(),
+            leader: self,
+            token,
+        };
+        tokio::spawn(task.run(inner, req, tx));
+        match rx.await {
+            Ok(result) => result,
+            Err(_) => Ok(shared.problem(ProblemKind::LeaderFailed)),
+        }
+    }
+}
+
+/// The spawned execution of the inner service for one key.
+struct Execution<St> {
+    shared: Arc<Shared<St>>,
+    leader: LocalLeader,
+    token: Option<Token>,
+}
+
+/// How the inner call ended, when it did not fail.
+#[allow(clippy::large_enum_variant)] // built once per execution, moved once
+enum Done {
+    /// The whole body was read: it can be stored.
+    Buffered {
+        parts: response::Parts,
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+    },
+    /// The body was forwarded as it streamed; `ok` is false when it ended in an error.
+    Streamed { storable: bool, ok: bool },
+}
+
+type FrameSender = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+
+impl<St: Store> Execution<St> {
+    async fn run<S, ReqBody, ResBody>(
+        mut self,
+        mut inner: S,
+        req: Request<RequestBody<ReqBody>>,
+        tx: oneshot::Sender<LeaderResult<ResBody, S::Error>>,
+    ) where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqBody: Body<Data = Bytes> + Send + 'static,
+        ResBody: Body<Data = Bytes> + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        let shared = self.shared.clone();
+        let mut tx = Some(tx);
+        let mut sink: Option<FrameSender> = None;
+        let work = async {
+            let res = inner.call(req).await?;
+            Ok(self.deliver(res, &mut tx, &mut sink).await)
+        };
+        let result = AssertUnwindSafe(self.heartbeat(work)).catch_unwind().await;
+
+        let key = self.leader.key;
+        let (record, outcome, reply): (_, _, Option<LeaderResult<ResBody, S::Error>>) = match result
+        {
+            Ok(Ok(Done::Buffered {
+                parts,
+                data,
+                trailers,
+            })) => {
+                let stored = StoredResponse {
+                    status: parts.status,
+                    headers: shared.storable_headers(&parts.headers),
+                    body: data.clone(),
+                    trailers: trailers.clone(),
+                };
+                let storable = shared.storable(&parts);
+                let reply = Response::from_parts(parts, ResponseBody::full(data, trailers));
+                if storable {
+                    let record = Arc::new(Record {
+                        fingerprint: self.leader.fingerprint,
+                        response: Some(stored),
+                    });
+                    (
+                        Some(record.clone()),
+                        Outcome::Stored(record),
+                        Some(Ok(reply)),
+                    )
+                } else {
+                    (None, Outcome::Unstored(Arc::new(stored)), Some(Ok(reply)))
+                }
+            }
+            Ok(Ok(Done::Streamed { storable, ok })) => {
+                if storable && ok {
+                    let record = Arc::new(Record {
+                        fingerprint: self.leader.fingerprint,
+                        response: None,
+                    });
+                    (Some(record.clone()), Outcome::Stored(record), None)
+                } else {
+                    (None, Outcome::Problem(ProblemKind::LeaderFailed), None)
+                }
+            }
+            Ok(Err(error)) => (
+                None,
+                Outcome::Problem(ProblemKind::LeaderFailed),
+                Some(Err(error)),
+            ),
+            Err(_panic) => {
+                tracing::error!(%key, "inner service panicked while handling an idempotent request");
+                if let Some(sink) = sink.take() {
+                    let _ = sink.send(Err("inner service panicked".into())).await;
+                }
+                let problem = shared.problem(ProblemKind::LeaderFailed);
+                (
+                    None,
+                    Outcome::Problem(ProblemKind::LeaderFailed),
+                    Some(Ok(problem)),
+                )
+            }
+        };
+        // The leader's own client first: it should not wait for the store write.
+        if let (Some(tx), Some(reply)) = (tx.take(), reply) {
+            let _ = tx.send(reply);
+        }
+        shared
+            .settle(key, self.token, record, self.leader.ttl)
+            .await;
+        self.leader.guard.publish(outcome);
+    }
+
+    /// Polls `work`, renewing the lease every third of it until `work` ends.
+    async fn heartbeat<T>(&self, work: impl Future<Output = T>) -> T {
+        let Some(token) = self.token else {
+            return work.await;
+        };
+        let shared = &self.shared;
+        let lease = shared.config.lease;
+        let period = lease / 3;
+        let mut work = pin!(work);
+        let mut tick = pin!(tokio::time::sleep(period));
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                () = &mut tick => {
+                    let extend = shared.store.extend(self.leader.key, token, lease);
+                    match shared.store_op(shared.config.store_timeout, extend).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!(key = %self.leader.key, "idempotency lease lost while the handler runs"),
+                        Err(error) => tracing::warn!(key = %self.leader.key, %error, "idempotency lease renewal failed"),
+                    }
+                    tick.as_mut().reset(Instant::now() + period);
+                }
+            }
+        }
+    }
+
+    /// Reads the response body: whole when it fits the stored-response limit, else forwarded
+    /// to the leader's client as it streams (and read to the end even if that client left).
+    async fn deliver<ResBody, E>(
+        &self,
+        res: Response<ResBody>,
+        tx: &mut Option<oneshot::Sender<LeaderResult<ResBody, E>>>,
+        sink: &mut Option<FrameSender>,
+    ) -> Done
+    where
+        ResBody: Body<Data = Bytes> + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        let config = &self.shared.config;
+        let limit = config.max_stored_response;
+        let (parts, body) = res.into_parts();
+        let mut body = pin!(body);
+        let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
+        let mut failed: Option<BoxError> = None;
+        if !(config.is_stream)(&parts) && body.size_hint().lower() <= limit as u64 {
+            let mut len = 0usize;
+            let mut trailers = None;
+            loop {
+                match next_frame(body.as_mut()).await {
+                    None => {
+                        return Done::Buffered {
+                            parts,
+                            data: concat(frames),
+                            trailers,
+                        };
+                    }
+                    Some(Ok(frame)) => {
+                        if let Some(d) = frame.data_ref() {
+                            len += d.len();
+                        } else if let Some(t) = frame.trailers_ref() {
+                            trailers = Some(t.clone());
+                        }
+                        frames.push_back(frame);
+                        if len > limit {
+                            break;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        let storable = self.shared.storable(&parts);
+        let (frame_tx, frame_rx) = mpsc::channel(STREAM_CHANNEL);
+        *sink = Some(frame_tx);
+        if let Some(tx) = tx.take() {
+            let _ = tx.send(Ok(Response::from_parts(
+                parts,
+                ResponseBody::channel(frame_rx),
+            )));
+        }
+        for frame in frames {
+            forward(sink, Ok(frame)).await;
+        }
+        if let Some(e) = failed {
+            forward(sink, Err(e)).await;
+            return Done::Streamed {
+                storable,
+                ok: false,
+            };
+        }
+        let ok = loop {
+            match next_frame(body.as_mut()).await {
+                None => break true,
+                Some(Ok(frame)) => forward(sink, Ok(frame)).await,
+                Some(Err(e)) => {
+                    forward(sink, Err(e)).await;
+                    break false;
+                }
+            }
+        };
+        *sink = None;
+        Done::Streamed { storable, ok }
+    }
+}
+
+/// Sends to the streaming client while it listens; after it left, frames are dropped.
+async fn forward(sink: &mut Option<FrameSender>, item: Result<Frame<Bytes>, BoxError>) {
+    if let Some(s) = sink
+        && s.send(item).await.is_err() {
+            *sink = None;
+        }
+}
+
+/// The next frame, its error boxed at once (so no `B::Error` lives across an await).
+async fn next_frame<B>(mut body: std::pin::Pin<&mut B>) -> Option<Result<Frame<Bytes>, BoxError>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    body.frame().await.map(|r| r.map_err(Into::into))
+}
+
+fn concat(mut frames: VecDeque<Frame<Bytes>>) -> Bytes {
+    frames.retain(|f| f.is_data());
+    if frames.len() == 1
+        && let Some(Ok(d)) = frames.pop_front().map(Frame::into_data) {
+            return d;
+        }
+    let len = frames
+        .iter()
+        .filter_map(|f| f.data_ref())
+        .map(Bytes::len)
+        .sum();
+    let mut out = BytesMut::with_capacity(len);
+    for f in frames {
+        if let Some(d) = f.data_ref() {
+            out.extend_from_slice(d);
+        }
+    }
+    out.freeze()
+}

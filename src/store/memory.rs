@@ -1,0 +1,584 @@
+//! The in-process store.
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    future::{Future, ready},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use dashmap::{DashMap, mapref::entry::Entry as MapEntry};
+use tokio::{sync::Notify, time::Instant};
+
+use super::{Claim, ClaimRequest, Reclaim, Store, StoreError, Token};
+use crate::{
+    key::{Fingerprint, StoreKey},
+    record::Record,
+};
+
+/// Bytes accounted to an entry beyond its record (key, state, map slot, queue slot).
+const ENTRY_OVERHEAD: usize = 160;
+/// How often at most an over-capacity store sweeps every entry for expired ones.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+
+/// An in-memory [`Store`], bounded by entries and by bytes.
+///
+/// Cheap to clone: clones share the same map, so several layers (or several routers) in one
+/// process can share one store.
+///
+/// When full, it frees room by dropping expired records first, then the oldest completed ones.
+/// In-flight claims are never evicted: a store full of them refuses new keys with
+/// [`StoreError::Capacity`], which the layer answers per its failure mode.
+///
+/// ```
+/// use tower_idempotency::MemoryStore;
+/// let store = MemoryStore::new().max_entries(50_000).max_bytes(64 << 20);
+/// # let _ = store;
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    map: DashMap<StoreKey, Entry>,
+    /// Completed keys in completion order, with the sequence number that names the completion
+    /// (a stale item, whose key completed again or went away, is skipped).
+    order: Mutex<VecDeque<(StoreKey, u64)>>,
+    len: AtomicUsize,
+    bytes: AtomicUsize,
+    seq: AtomicU64,
+    last_sweep: Mutex<Option<Instant>>,
+    max_entries: usize,
+    max_bytes: usize,
+}
+
+enum State {
+    InFlight {
+        fingerprint: Fingerprint,
+        token: u64,
+        lease_until: Instant,
+        ttl: Duration,
+        notify: Option<Arc<Notify>>,
+    },
+    Completed {
+        record: Arc<Record>,
+        expires: Instant,
+        seq: u64,
+    },
+    Abandoned {
+        fingerprint: Fingerprint,
+        expires: Instant,
+        seq: u64,
+    },
+}
+
+struct Entry {
+    state: State,
+    size: usize,
+}
+
+impl Entry {
+    fn expired(&self, now: Instant) -> bool {
+        match &self.state {
+            State::InFlight { .. } => false,
+            State::Completed { expires, .. } | State::Abandoned { expires, .. } => *expires <= now,
+        }
+    }
+
+    fn seq(&self) -> Option<u64> {
+        match &self.state {
+            State::InFlight { .. } => None,
+            State::Completed { seq, .. } | State::Abandoned { seq, .. } => Some(*seq),
+        }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("len", &self.len())
+            .field("bytes", &self.bytes())
+            .field("max_entries", &self.inner.max_entries)
+            .field("max_bytes", &self.inner.max_bytes)
+            .finish()
+    }
+}
+
+impl MemoryStore {
+    /// Default bound on the number of keys: 100,000.
+    pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
+    /// Default bound on accounted bytes: 256 MiB.
+    pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
+
+    /// A store with the default bounds ([`DEFAULT_MAX_ENTRIES`](Self::DEFAULT_MAX_ENTRIES),
+    /// [`DEFAULT_MAX_BYTES`](Self::DEFAULT_MAX_BYTES)).
+    pub fn new() -> Self {
+        Self::with_bounds(Self::DEFAULT_MAX_ENTRIES, Self::DEFAULT_MAX_BYTES)
+    }
+
+    fn with_bounds(max_entries: usize, max_bytes: usize) -> Self {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                map: DashMap::new(),
+                order: Mutex::new(VecDeque::new()),
+                len: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(0),
+                seq: AtomicU64::new(1),
+                last_sweep: Mutex::new(None),
+                max_entries: max_entries.max(1),
+                max_bytes,
+            }),
+        }
+    }
+
+    /// Bounds the number of keys held (in flight and completed). Default 100,000.
+    ///
+    /// Set it before the store is shared: it returns a new, empty store.
+    pub fn max_entries(self, n: usize) -> Self {
+        Self::with_bounds(n, self.inner.max_bytes)
+    }
+
+    /// Bounds the bytes held by records (bodies, headers, and a fixed per-entry overhead).
+    /// Default 256 MiB. A record larger than the whole bound is kept as "completed, not
+    /// replayable".
+    ///
+    /// Set it before the store is shared: it returns a new, empty store.
+    pub fn max_bytes(self, n: usize) -> Self {
+        Self::with_bounds(self.inner.max_entries, n)
+    }
+
+    /// Number of keys held now (in flight and completed, expired ones not yet dropped included).
+    pub fn len(&self) -> usize {
+        self.inner.len.load(Ordering::Acquire)
+    }
+
+    /// Whether the store holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes accounted now.
+    pub fn bytes(&self) -> usize {
+        self.inner.bytes.load(Ordering::Acquire)
+    }
+}
+
+impl Inner {
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn add_bytes(&self, old: usize, new: usize) {
+        if new >= old {
+            self.bytes.fetch_add(new - old, Ordering::AcqRel);
+        } else {
+            self.bytes.fetch_sub(old - new, Ordering::AcqRel);
+        }
+    }
+
+    fn push_order(&self, key: StoreKey, seq: u64) {
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        order.push_back((key, seq));
+        // Stale items pile up when keys are dropped on expiry without eviction pressure.
+        if order.len() > 2 * self.max_entries + 64 {
+            order.retain(|(k, s)| self.map.get(k).is_some_and(|e| e.seq() == Some(*s)));
+        }
+    }
+
+    /// Removes `key` if `pred` holds, keeping the counters right.
+    fn remove_if(&self, key: &StoreKey, pred: impl FnOnce(&Entry) -> bool) -> bool {
+        match self.map.remove_if(key, |_, e| pred(e)) {
+            Some((_, e)) => {
+                self.len.fetch_sub(1, Ordering::AcqRel);
+                self.bytes.fetch_sub(e.size, Ordering::AcqRel);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops every expired record, at most once per [`SWEEP_INTERVAL`].
+    fn sweep(&self, now: Instant) {
+        {
+            let mut last = self.last_sweep.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| now.duration_since(t) < SWEEP_INTERVAL) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let mut freed = 0usize;
+        let mut freed_bytes = 0usize;
+        self.map.retain(|_, e| {
+            let keep = !e.expired(now);
+            if !keep {
+                freed += 1;
+                freed_bytes += e.size;
+            }
+            keep
+        });
+        self.len.fetch_sub(freed, Ordering::AcqRel);
+        self.bytes.fetch_sub(freed_bytes, Ordering::AcqRel);
+    }
+
+    /// Evicts one completed record: an expired one if a sweep finds any, else the oldest.
+    /// Must not be called while holding a map guard. Returns `false` when nothing can go.
+    fn evict_one(&self, now: Instant) -> bool {
+        let before = self.len.load(Ordering::Acquire);
+        self.sweep(now);
+        if self.len.load(Ordering::Acquire) < before {
+            return true;
+        }
+        loop {
+            let next = {
+                let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+                order.pop_front()
+            };
+            let Some((key, seq)) = next else {
+                return false;
+            };
+            if self.remove_if(&key, |e| e.seq() == Some(seq)) {
+                return true;
+            }
+        }
+    }
+
+    /// Takes one entry slot, evicting if needed.
+    fn reserve_slot(&self, now: Instant) -> Result<(), StoreError> {
+        loop {
+            let n = self.len.load(Ordering::Acquire);
+            if n < self.max_entries {
+                if self
+                    .len
+                    .compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    return Ok(());
+                }
+                continue;
+            }
+            if !self.evict_one(now) {
+                return Err(StoreError::Capacity);
+            }
+        }
+    }
+
+    fn enforce_bytes(&self, now: Instant) {
+        while self.bytes.load(Ordering::Acquire) > self.max_bytes {
+            if !self.evict_one(now) {
+                return;
+            }
+        }
+    }
+
+    fn in_flight(&self, req: &ClaimRequest, now: Instant) -> (State, u64) {
+        let token = self.next_seq();
+        (
+            State::InFlight {
+                fingerprint: req.fingerprint,
+                token,
+                lease_until: now + req.lease,
+                ttl: req.ttl,
+                notify: None,
+            },
+            token,
+        )
+    }
+
+    /// Decides a claim against an existing entry, updating it in place (an expired record or an
+    /// expired lease is replaced by a fresh claim). The second value is the sequence number of
+    /// an entry this call just marked abandoned: the caller queues it for eviction once the
+    /// map guard is gone.
+    fn claim_existing(
+        &self,
+        e: &mut Entry,
+        req: &ClaimRequest,
+        now: Instant,
+    ) -> (Claim, Option<u64>) {
+        match &mut e.state {
+            State::Completed {
+                record, expires, ..
+            } if *expires > now => {
+                return (Claim::Completed(record.clone()), None);
+            }
+            State::Abandoned {
+                fingerprint,
+                expires,
+                ..
+            } if *expires > now => {
+                let fingerprint = *fingerprint;
+                return (Claim::Abandoned { fingerprint }, None);
+            }
+            State::InFlight {
+                fingerprint,
+                lease_until,
+                ttl,
+                notify,
+                ..
+            } if *lease_until <= now => {
+                if req.reclaim == Reclaim::Never {
+                    let fingerprint = *fingerprint;
+                    let expires = now + *ttl;
+                    if let Some(n) = notify.take() {
+                        n.notify_waiters();
+                    }
+                    let seq = self.next_seq();
+                    e.state = State::Abandoned {
+                        fingerprint,
+                        expires,
+                        seq,
+                    };
+                    return (Claim::Abandoned { fingerprint }, Some(seq));
+                }
+                // Compare-and-set: the expired claim is replaced by ours in the same step.
+                if let Some(n) = notify.take() {
+                    n.notify_waiters();
+                }
+            }
+            State::InFlight { fingerprint, .. } => {
+                let fingerprint = *fingerprint;
+                return (Claim::InFlight { fingerprint }, None);
+            }
+            // An expired record: the key is free again.
+            State::Completed { .. } | State::Abandoned { .. } => {}
+        }
+        let (state, token) = self.in_flight(req, now);
+        e.state = state;
+        let old = std::mem::replace(&mut e.size, ENTRY_OVERHEAD);
+        self.add_bytes(old, ENTRY_OVERHEAD);
+        (
+            Claim::Acquired {
+                token: Token(token),
+            },
+            None,
+        )
+    }
+
+    /// Claims a key that had no entry, in a slot already reserved.
+    fn claim_vacant(
+        &self,
+        key: StoreKey,
+        req: &ClaimRequest,
+        now: Instant,
+    ) -> (Claim, Option<u64>) {
+        match self.map.entry(key) {
+            MapEntry::Vacant(v) => {
+                let (state, token) = self.in_flight(req, now);
+                v.insert(Entry {
+                    state,
+                    size: ENTRY_OVERHEAD,
+                });
+                self.bytes.fetch_add(ENTRY_OVERHEAD, Ordering::AcqRel);
+                let token = Token(token);
+                (Claim::Acquired { token }, None)
+            }
+            MapEntry::Occupied(mut o) => {
+                // Lost a race with another claim of the same key: give the slot back.
+                self.len.fetch_sub(1, Ordering::AcqRel);
+                self.claim_existing(o.get_mut(), req, now)
+            }
+        }
+    }
+}
+
+impl MemoryStore {
+    fn claim_now(&self, key: StoreKey, req: ClaimRequest) -> Result<Claim, StoreError> {
+        let inner = &*self.inner;
+        let now = Instant::now();
+        let existing = inner
+            .map
+            .get_mut(&key)
+            .map(|mut e| inner.claim_existing(&mut e, &req, now));
+        let (claim, abandoned) = match existing {
+            Some(decided) => decided,
+            None => {
+                inner.reserve_slot(now)?;
+                inner.claim_vacant(key, &req, now)
+            }
+        };
+        if let Some(seq) = abandoned {
+            inner.push_order(key, seq);
+        }
+        Ok(claim)
+    }
+
+    fn complete_now(
+        &self,
+        key: StoreKey,
+        token: Token,
+        record: Arc<Record>,
+        ttl: Duration,
+    ) -> bool {
+        let inner = &*self.inner;
+        let now = Instant::now();
+        let record = if record.size() + ENTRY_OVERHEAD > inner.max_bytes {
+            Arc::new(Record {
+                fingerprint: record.fingerprint,
+                response: None,
+            })
+        } else {
+            record
+        };
+        let seq = {
+            let Some(mut e) = inner.map.get_mut(&key) else {
+                return false;
+            };
+            let State::InFlight {
+                token: t, notify, ..
+            } = &mut e.state
+            else {
+                return false;
+            };
+            if *t != token.0 {
+                return false;
+            }
+            let notify = notify.take();
+            let seq = inner.next_seq();
+            let size = record.size() + ENTRY_OVERHEAD;
+            e.state = State::Completed {
+                record,
+                expires: now + ttl,
+                seq,
+            };
+            let old = std::mem::replace(&mut e.size, size);
+            inner.add_bytes(old, size);
+            drop(e);
+            if let Some(n) = notify {
+                n.notify_waiters();
+            }
+            seq
+        };
+        inner.push_order(key, seq);
+        inner.enforce_bytes(now);
+        true
+    }
+
+    fn release_now(&self, key: StoreKey, token: Token) -> bool {
+        let mut notify = None;
+        let removed = self.inner.remove_if(&key, |e| match &e.state {
+            State::InFlight {
+                token: t,
+                notify: n,
+                ..
+            } if *t == token.0 => {
+                notify = n.clone();
+                true
+            }
+            _ => false,
+        });
+        if let Some(n) = notify {
+            n.notify_waiters();
+        }
+        removed
+    }
+
+    fn extend_now(&self, key: StoreKey, token: Token, lease: Duration) -> bool {
+        let Some(mut e) = self.inner.map.get_mut(&key) else {
+            return false;
+        };
+        match &mut e.state {
+            State::InFlight {
+                token: t,
+                lease_until,
+                ..
+            } if *t == token.0 => {
+                *lease_until = Instant::now() + lease;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The notifier of `key`'s live claim and when its lease ends; `None` if it has none.
+    fn watch(&self, key: &StoreKey) -> Option<(Arc<Notify>, u64, Instant)> {
+        let mut e = self.inner.map.get_mut(key)?;
+        match &mut e.state {
+            State::InFlight {
+                token,
+                lease_until,
+                notify,
+                ..
+            } => Some((
+                notify.get_or_insert_with(Default::default).clone(),
+                *token,
+                *lease_until,
+            )),
+            _ => None,
+        }
+    }
+
+    fn still_held(&self, key: &StoreKey, token: u64) -> bool {
+        self.inner
+            .map
+            .get(key)
+            .is_some_and(|e| matches!(e.state, State::InFlight { token: t, .. } if t == token))
+    }
+}
+
+impl Store for MemoryStore {
+    fn claim(
+        &self,
+        key: StoreKey,
+        req: ClaimRequest,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send {
+        ready(self.claim_now(key, req))
+    }
+
+    fn complete(
+        &self,
+        key: StoreKey,
+        token: Token,
+        record: Arc<Record>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        ready(Ok(self.complete_now(key, token, record, ttl)))
+    }
+
+    fn release(
+        &self,
+        key: StoreKey,
+        token: Token,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        ready(Ok(self.release_now(key, token)))
+    }
+
+    fn extend(
+        &self,
+        key: StoreKey,
+        token: Token,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        ready(Ok(self.extend_now(key, token, lease)))
+    }
+
+    fn wait(
+        &self,
+        key: StoreKey,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let this = self.clone();
+        async move {
+            let Some((notify, token, lease_until)) = this.watch(&key) else {
+                return Ok(());
+            };
+            let notified = notify.notified();
+            // Completed between `watch` and `notified()`: the notification is already gone.
+            if !this.still_held(&key, token) {
+                return Ok(());
+            }
+            let until_lease = lease_until.saturating_duration_since(Instant::now());
+            let _ = tokio::time::timeout(timeout.min(until_lease), notified).await;
+            Ok(())
+        }
+    }
+}
