@@ -44,6 +44,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod body;
+pub mod client;
 mod future;
 mod key;
 mod layer;

@@ -1,0 +1,1 @@
+//! Client side: stable `Idempotency-Key`s on outgoing requests, across retries.
