@@ -60,7 +60,13 @@ pub use key::{Fingerprint, IDEMPOTENCY_KEY, KeyError, MAX_KEY_LEN, Scope, StoreK
 pub use layer::IdempotencyLayer;
 pub use policy::{Concurrent, DoNotStore, FailureMode, KeyMode};
 pub use record::{Record, StoredResponse};
+/// The redis-rs crate this crate's [`RedisStore`] is built on, to make connections and clients
+/// without a version mismatch.
+#[cfg(feature = "redis")]
+pub use redis;
 pub use service::IdempotencyService;
+#[cfg(feature = "redis")]
+pub use store::RedisStore;
 pub use store::{MemoryStore, Reclaim, Store, StoreError};
 
 /// The boxed error type of response bodies.

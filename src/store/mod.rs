@@ -14,7 +14,8 @@
 //! | [`extend`](Store::extend) | renew the lease while the handler runs — fenced likewise |
 //! | [`wait`](Store::wait) | sleep until the key's claim may have changed, or a timeout |
 //!
-//! The crate runs the same conformance suite against every store it ships.
+//! The crate runs the same conformance suite against every store it ships: [`MemoryStore`]
+//! (always) and `RedisStore` (feature `redis`; Redis Cluster with `redis-cluster`).
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -24,7 +25,11 @@ use crate::{
 };
 
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
+#[cfg(feature = "redis")]
+pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
 
 /// A fencing token: proof that the caller holds the current claim of a key.
