@@ -1,13 +1,15 @@
 //! What the layer costs per request, as ratios to baselines measured in the same run.
 //!
-//! Variants are interleaved in chunks of 256 requests with the order rotated every chunk (see
-//! the benchmarking notes in the README), so the machine's speed drifts hit both sides alike.
+//! Every comparison interleaves its variants in chunks of 256 requests and rotates which one
+//! goes first each chunk, so the machine's speed drifts hit all of them alike; the ratios of
+//! the summed times are the result (absolute times on a shared machine are noise).
 //!
 //! - `get`: GET pass-through, layered vs the bare service.
-//! - `post_first/<size>`: covered POST with a fresh key each time (hash, claim, spawn, store).
+//! - `post_first/<size>`: covered POST with a fresh key every request (hash, claim, spawn,
+//!   store), vs bare and vs the floor.
 //! - `post_replay/<size>`: covered POST whose key completed before (hash, claim, replay).
-//! - `floor/<size>`: SHA-256 of the body plus one DashMap insert and remove — the cost no
-//!   idempotency layer can avoid.
+//! - floor: SHA-256 of the body plus one DashMap insert and remove — the work no idempotency
+//!   layer can avoid.
 //!
 //! ```text
 //! cargo bench --bench overhead
@@ -16,21 +18,21 @@
 use std::{
     convert::Infallible,
     future::{Ready, ready},
+    hint::black_box,
     sync::Mutex,
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use std::hint::black_box;
-
-use criterion::{BenchmarkId, Criterion};
+use criterion::Criterion;
 use dashmap::DashMap;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use sha2::{Digest, Sha256};
+use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceExt};
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use tower_idempotency::{IdempotencyLayer, IdempotencyService, MemoryStore};
 
 const CHUNK: u64 = 256;
 
@@ -56,7 +58,8 @@ impl<B> Service<Request<B>> for Handler {
     }
 }
 
-type Build = Box<dyn FnMut(u64) -> Request<Full<Bytes>>>;
+/// Runs `n` requests starting at sequence number `from`; returns the time they took.
+type Variant<'a> = Box<dyn FnMut(&Runtime, u64, u64) -> Duration + 'a>;
 
 async fn drive<S>(svc: &mut S, reqs: Vec<Request<Full<Bytes>>>) -> Duration
 where
@@ -71,36 +74,81 @@ where
     start.elapsed()
 }
 
-/// Paired totals of one comparison, per criterion sample: (requests, baseline, layered).
+/// A service variant: requests are built before the clock starts.
+fn service<'a, S>(
+    mut svc: S,
+    mut build: impl FnMut(u64) -> Request<Full<Bytes>> + 'a,
+) -> Variant<'a>
+where
+    S: Service<Request<Full<Bytes>>> + 'a,
+    S::Error: std::fmt::Debug,
+{
+    Box::new(move |rt, from, n| {
+        let reqs: Vec<_> = (from..from + n).map(&mut build).collect();
+        rt.block_on(drive(&mut svc, reqs))
+    })
+}
+
+/// The floor: SHA-256 of the body plus one DashMap insert and remove per request.
+fn floor<'a>(body: Bytes) -> Variant<'a> {
+    let map: DashMap<[u8; 32], u64> = DashMap::new();
+    Box::new(move |_, from, n| {
+        let start = Instant::now();
+        for i in from..from + n {
+            let mut h = Sha256::new();
+            h.update(i.to_be_bytes());
+            h.update(&body);
+            let k: [u8; 32] = h.finalize().into();
+            map.insert(k, i);
+            black_box(map.remove(&k));
+        }
+        start.elapsed()
+    })
+}
+
+/// Summed time per variant, and requests run, over all criterion samples.
 #[derive(Default)]
-struct Pairs(Mutex<Vec<(u64, Duration, Duration)>>);
+struct Totals(Mutex<(Vec<Duration>, u64)>);
 
-impl Pairs {
-    /// Total layered time over total baseline time, and the median of per-sample ratios.
-    fn ratio(&self) -> (f64, f64) {
-        let pairs = self.0.lock().unwrap();
-        let (b, l) = pairs.iter().fold((0.0, 0.0), |(b, l), (_, x, y)| {
-            (b + x.as_secs_f64(), l + y.as_secs_f64())
-        });
-        let mut ratios: Vec<f64> = pairs
-            .iter()
-            .map(|(_, x, y)| y.as_secs_f64() / x.as_secs_f64())
-            .collect();
-        ratios.sort_by(f64::total_cmp);
-        (
-            l / b,
-            ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN),
-        )
+impl Totals {
+    fn ns(&self, i: usize) -> f64 {
+        let t = self.0.lock().unwrap();
+        t.0[i].as_secs_f64() * 1e9 / t.1 as f64
     }
+}
 
-    /// Nanoseconds per request: (baseline, layered).
-    fn ns(&self) -> (f64, f64) {
-        let pairs = self.0.lock().unwrap();
-        let (n, b, l) = pairs.iter().fold((0u64, 0.0, 0.0), |(n, b, l), (k, x, y)| {
-            (n + k, b + x.as_secs_f64(), l + y.as_secs_f64())
-        });
-        (b * 1e9 / n as f64, l * 1e9 / n as f64)
+/// Interleaves `variants` over `iters` requests each, chunk by chunk, rotating the order;
+/// adds every variant's time to `totals` and returns the time of variant `subject`.
+fn interleave(
+    rt: &Runtime,
+    iters: u64,
+    variants: &mut [Variant<'_>],
+    subject: usize,
+    totals: &Totals,
+    seq: &mut u64,
+) -> Duration {
+    let mut times = vec![Duration::ZERO; variants.len()];
+    let mut done = 0;
+    let mut round = 0usize;
+    while done < iters {
+        let n = CHUNK.min(iters - done);
+        for k in 0..variants.len() {
+            let i = (k + round) % variants.len();
+            times[i] += variants[i](rt, *seq, n);
+        }
+        *seq += n;
+        done += n;
+        round += 1;
     }
+    let mut t = totals.0.lock().unwrap();
+    if t.0.is_empty() {
+        t.0 = vec![Duration::ZERO; variants.len()];
+    }
+    for (acc, x) in t.0.iter_mut().zip(&times) {
+        *acc += *x;
+    }
+    t.1 += iters;
+    times[subject]
 }
 
 fn body(size: usize) -> Bytes {
@@ -116,58 +164,8 @@ fn post(body: &Bytes, key: u64) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
-/// Runs `iters` requests through each of `bare` and `layered`, chunk by chunk, alternating
-/// which goes first; records both totals and returns the layered one.
-fn paired<B, L>(
-    rt: &tokio::runtime::Runtime,
-    iters: u64,
-    bare: &mut B,
-    layered: &mut L,
-    build_bare: &mut Build,
-    build_layered: &mut Build,
-    pairs: &Pairs,
-) -> Duration
-where
-    B: Service<Request<Full<Bytes>>>,
-    B::Error: std::fmt::Debug,
-    L: Service<Request<Full<Bytes>>>,
-    L::Error: std::fmt::Debug,
-{
-    let (mut tb, mut tl) = (Duration::ZERO, Duration::ZERO);
-    let mut done = 0;
-    let mut flip = false;
-    while done < iters {
-        let n = CHUNK.min(iters - done);
-        let rb: Vec<_> = (0..n).map(|i| build_bare(done + i)).collect();
-        let rl: Vec<_> = (0..n).map(|i| build_layered(done + i)).collect();
-        rt.block_on(async {
-            if flip {
-                tl += drive(layered, rl).await;
-                tb += drive(bare, rb).await;
-            } else {
-                tb += drive(bare, rb).await;
-                tl += drive(layered, rl).await;
-            }
-        });
-        flip = !flip;
-        done += n;
-    }
-    pairs.0.lock().unwrap().push((iters, tb, tl));
-    tl
-}
-
-/// SHA-256 of the body plus one DashMap insert and remove, per request.
-fn floor(iters: u64, body: &Bytes, map: &DashMap<[u8; 32], u64>) -> Duration {
-    let start = Instant::now();
-    for i in 0..iters {
-        let mut h = Sha256::new();
-        h.update(i.to_be_bytes());
-        h.update(body);
-        let k: [u8; 32] = h.finalize().into();
-        map.insert(k, i);
-        black_box(map.remove(&k));
-    }
-    start.elapsed()
+fn layered() -> IdempotencyService<Handler, MemoryStore> {
+    IdempotencyLayer::new(MemoryStore::new()).layer(Handler)
 }
 
 fn main() {
@@ -181,132 +179,87 @@ fn main() {
         .build()
         .unwrap();
     let mut report = Vec::new();
+    let mut seq = 0u64;
 
-    // GET pass-through.
-    {
-        let pairs = Pairs::default();
-        let mut bare = Handler;
-        let mut layered = IdempotencyLayer::new(MemoryStore::new()).layer(Handler);
-        let get = || {
-            Box::new(|_| {
-                Request::get("/v1/payments/ch_123")
-                    .header("authorization", "Bearer sk_test_123")
-                    .body(Full::new(Bytes::new()))
-                    .unwrap()
-            }) as Build
-        };
-        let (mut gb, mut gl) = (get(), get());
-        c.bench_function("get/pass_through", |b| {
-            b.iter_custom(|iters| {
-                paired(
-                    &rt,
-                    iters,
-                    &mut bare,
-                    &mut layered,
-                    &mut gb,
-                    &mut gl,
-                    &pairs,
-                )
-            })
-        });
-        let (total, median) = pairs.ratio();
-        let (b, l) = pairs.ns();
+    // GET pass-through: [bare, layered].
+    let get = |_| {
+        Request::get("/v1/payments/ch_123")
+            .header("authorization", "Bearer sk_test_123")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let totals = Totals::default();
+    let mut variants = vec![service(Handler, get), service(layered(), get)];
+    c.bench_function("get/pass_through", |b| {
+        b.iter_custom(|iters| interleave(&rt, iters, &mut variants, 1, &totals, &mut seq))
+    });
+    drop(variants);
+    if totals.0.lock().unwrap().1 > 0 {
+        let (b, l) = (totals.ns(0), totals.ns(1));
         report.push(format!(
-            "GET pass-through          layered/bare {total:.3} (median {median:.3})  bare {b:.0} ns, layered {l:.0} ns"
+            "GET pass-through         layered/bare {:.3}   [bare {b:.0} ns, layered {l:.0} ns]",
+            l / b
         ));
     }
 
-    let mut group = c.benchmark_group("post");
-    for size in [1024usize] {
+    for size in [256usize, 1024, 16 * 1024, 256 * 1024] {
         let data = body(size);
-        // Floor.
-        let map = DashMap::new();
-        let mut floor_total = (Duration::ZERO, 0u64);
-        group.bench_with_input(BenchmarkId::new("floor", size), &size, |b, _| {
-            b.iter_custom(|iters| {
-                let t = floor(iters, &data, &map);
-                floor_total.0 += t;
-                floor_total.1 += iters;
-                t
-            })
+        // First execution: [bare, layered with a fresh key each time, floor].
+        let totals = Totals::default();
+        let (d1, d2) = (data.clone(), data.clone());
+        let mut variants = vec![
+            service(Handler, move |i| post(&d1, i)),
+            service(layered(), move |i| post(&d2, i)),
+            floor(data.clone()),
+        ];
+        c.bench_function(&format!("post_first/{size}"), |b| {
+            b.iter_custom(|iters| interleave(&rt, iters, &mut variants, 1, &totals, &mut seq))
         });
-        let floor_ns = floor_total.0.as_secs_f64() * 1e9 / floor_total.1 as f64;
+        drop(variants);
+        if totals.0.lock().unwrap().1 > 0 {
+            let (b, l, f) = (totals.ns(0), totals.ns(1), totals.ns(2));
+            report.push(format!(
+                "POST {size:>6} B first    layered/bare {:>5.2}  (layered-bare)/floor {:>5.2}  [bare {b:.0} ns, layered {l:.0} ns, floor {f:.0} ns]",
+                l / b,
+                (l - b) / f
+            ));
+        }
 
-        // First execution: a new key every request.
-        let pairs = Pairs::default();
-        let mut bare = Handler;
-        let mut layered = IdempotencyLayer::new(MemoryStore::new()).layer(Handler);
-        let mut seq = 0u64;
-        let d1 = data.clone();
-        let d2 = data.clone();
-        let mut fb: Build = Box::new(move |i| post(&d1, i));
-        let mut fl: Build = Box::new(move |_| {
-            seq += 1;
-            post(&d2, seq)
-        });
-        group.bench_with_input(BenchmarkId::new("first_execution", size), &size, |b, _| {
-            b.iter_custom(|iters| {
-                paired(
-                    &rt,
-                    iters,
-                    &mut bare,
-                    &mut layered,
-                    &mut fb,
-                    &mut fl,
-                    &pairs,
-                )
-            })
-        });
-        let (ratio, median) = pairs.ratio();
-        let (b, l) = pairs.ns();
-        report.push(format!(
-            "POST {size} B first execution  layered/bare {ratio:.2} (median {median:.2})  overhead (layered-bare)/floor {:.2}  [bare {b:.0} ns, layered {l:.0} ns]",
-            (l - b) / floor_ns
-        ));
-
-        // Replay: one key, completed before the run.
-        let pairs = Pairs::default();
-        let mut bare = Handler;
-        let mut layered = IdempotencyLayer::new(MemoryStore::new()).layer(Handler);
+        // Replay: [bare, layered on a key completed before the run, floor].
+        let totals = Totals::default();
+        let mut warm = layered();
         rt.block_on(async {
-            let warm: Request<Full<Bytes>> = post(&data, 7);
-            let _ = ServiceExt::<Request<Full<Bytes>>>::ready(&mut layered)
+            let req: Request<Full<Bytes>> = post(&data, 7);
+            let res = ServiceExt::<Request<Full<Bytes>>>::ready(&mut warm)
                 .await
                 .unwrap()
-                .call(warm)
-                .await;
+                .call(req)
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::CREATED);
         });
-        let d1 = data.clone();
-        let d2 = data.clone();
-        let mut rb: Build = Box::new(move |_| post(&d1, 7));
-        let mut rl: Build = Box::new(move |_| post(&d2, 7));
-        group.bench_with_input(BenchmarkId::new("replay", size), &size, |b, _| {
-            b.iter_custom(|iters| {
-                paired(
-                    &rt,
-                    iters,
-                    &mut bare,
-                    &mut layered,
-                    &mut rb,
-                    &mut rl,
-                    &pairs,
-                )
-            })
+        let (d1, d2) = (data.clone(), data.clone());
+        let mut variants = vec![
+            service(Handler, move |_| post(&d1, 7)),
+            service(warm, move |_| post(&d2, 7)),
+            floor(data.clone()),
+        ];
+        c.bench_function(&format!("post_replay/{size}"), |b| {
+            b.iter_custom(|iters| interleave(&rt, iters, &mut variants, 1, &totals, &mut seq))
         });
-        let (ratio, median) = pairs.ratio();
-        let (b, l) = pairs.ns();
-        report.push(format!(
-            "POST {size} B replay           layered/bare {ratio:.2} (median {median:.2})  layered/floor {:.2}  [bare {b:.0} ns, layered {l:.0} ns]",
-            l / floor_ns
-        ));
-        report.push(format!(
-            "floor {size} B (SHA-256 + DashMap insert/remove)  {floor_ns:.0} ns"
-        ));
+        drop(variants);
+        if totals.0.lock().unwrap().1 > 0 {
+            let (b, l, f) = (totals.ns(0), totals.ns(1), totals.ns(2));
+            report.push(format!(
+                "POST {size:>6} B replay   layered/bare {:>5.2}  layered/floor        {:>5.2}  [bare {b:.0} ns, layered {l:.0} ns, floor {f:.0} ns]",
+                l / b,
+                l / f
+            ));
+        }
     }
-    group.finish();
 
-    println!("\n== ratios (same run, interleaved) ==");
-    for line in report {
+    println!("\n== ratios (same run, interleaved in chunks of {CHUNK}) ==");
+    for line in &report {
         println!("{line}");
     }
     c.final_summary();

@@ -29,11 +29,12 @@ pin_project! {
     #[project = RequestKindProj]
     enum RequestKind<B> {
         Inner { #[pin] body: B },
-        Buffered { chunks: VecDeque<Bytes>, trailers: Option<HeaderMap>, remaining: u64 },
+        Buffered { chunks: VecDeque<Bytes>, trailers: Option<Box<HeaderMap>>, remaining: u64 },
     }
 }
 
 impl<B> RequestBody<B> {
+    #[inline]
     pub(crate) fn inner(body: B) -> Self {
         RequestBody {
             kind: RequestKind::Inner { body },
@@ -45,7 +46,7 @@ impl<B> RequestBody<B> {
         RequestBody {
             kind: RequestKind::Buffered {
                 chunks,
-                trailers,
+                trailers: trailers.map(Box::new),
                 remaining,
             },
         }
@@ -71,7 +72,7 @@ impl<B: Body<Data = Bytes>> Body for RequestBody<B> {
                     *remaining -= c.len() as u64;
                     Some(Ok(Frame::data(c)))
                 }
-                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(*t))),
             }),
         }
     }
@@ -118,12 +119,13 @@ pin_project! {
     #[project = ResponseKindProj]
     enum ResponseKind<B> {
         Inner { #[pin] body: B },
-        Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        Full { data: Option<Bytes>, trailers: Option<Box<HeaderMap>> },
         Channel { rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>, done: bool },
     }
 }
 
 impl<B> ResponseBody<B> {
+    #[inline]
     pub(crate) fn inner(body: B) -> Self {
         ResponseBody {
             kind: ResponseKind::Inner { body },
@@ -134,7 +136,7 @@ impl<B> ResponseBody<B> {
         ResponseBody {
             kind: ResponseKind::Full {
                 data: (!data.is_empty()).then_some(data),
-                trailers,
+                trailers: trailers.map(Box::new),
             },
         }
     }
@@ -163,7 +165,7 @@ where
             ResponseKindProj::Full { data, trailers } => Poll::Ready(
                 data.take()
                     .map(|d| Ok(Frame::data(d)))
-                    .or_else(|| trailers.take().map(|t| Ok(Frame::trailers(t)))),
+                    .or_else(|| trailers.take().map(|t| Ok(Frame::trailers(*t)))),
             ),
             ResponseKindProj::Channel { rx, done } => {
                 if *done {

@@ -27,12 +27,13 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
         Inner { #[pin] fut: F },
-        Ready { res: Option<Response<ResponseBody<B>>> },
+        Ready { res: Option<Box<Response<ResponseBody<B>>>> },
         Covered { fut: BoxFuture<Result<Response<ResponseBody<B>>, E>> },
     }
 }
 
 impl<F, B, E> ResponseFuture<F, B, E> {
+    #[inline]
     pub(crate) fn inner(fut: F) -> Self {
         ResponseFuture {
             kind: Kind::Inner { fut },
@@ -41,7 +42,9 @@ impl<F, B, E> ResponseFuture<F, B, E> {
 
     pub(crate) fn ready(res: Response<ResponseBody<B>>) -> Self {
         ResponseFuture {
-            kind: Kind::Ready { res: Some(res) },
+            kind: Kind::Ready {
+                res: Some(Box::new(res)),
+            },
         }
     }
 
@@ -58,15 +61,17 @@ where
 {
     type Output = Result<Response<ResponseBody<B>>, E>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Inner { fut } => {
                 let res = ready!(fut.poll(cx))?;
                 Poll::Ready(Ok(res.map(ResponseBody::inner)))
             }
-            KindProj::Ready { res } => Poll::Ready(Ok(res
-                .take()
-                .expect("ResponseFuture polled after completion"))),
+            KindProj::Ready { res } => {
+                let res = res.take().expect("ResponseFuture polled after completion");
+                Poll::Ready(Ok(*res))
+            }
             KindProj::Covered { fut } => fut.as_mut().poll(cx),
         }
     }

@@ -116,6 +116,7 @@ pub(crate) struct Config {
 }
 
 impl Config {
+    #[inline]
     pub(crate) fn covers(&self, method: &Method) -> bool {
         self.methods.iter().any(|m| m == method)
     }

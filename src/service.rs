@@ -165,10 +165,12 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
+    #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let config = &self.shared.config;
         if !config.covers(req.method()) {
@@ -223,14 +225,14 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 impl<St: Store> Shared<St> {
-    fn problem<B: Body>(&self, kind: ProblemKind) -> Response<ResponseBody<B>> {
+    fn problem<B>(&self, kind: ProblemKind) -> Response<ResponseBody<B>> {
         self.config
             .responder
             .respond(&Problem::new(kind))
             .map(|b| ResponseBody::full(b, None))
     }
 
-    fn replay<B: Body>(&self, response: &StoredResponse) -> Response<ResponseBody<B>> {
+    fn replay<B>(&self, response: &StoredResponse) -> Response<ResponseBody<B>> {
         let mut res = Response::new(ResponseBody::full(
             response.body.clone(),
             response.trailers.clone(),
@@ -245,7 +247,7 @@ impl<St: Store> Shared<St> {
     }
 
     /// The answer of a duplicate that shares `outcome`.
-    fn answer<B: Body>(&self, outcome: &Outcome) -> Response<ResponseBody<B>> {
+    fn answer<B>(&self, outcome: &Outcome) -> Response<ResponseBody<B>> {
         match outcome {
             Outcome::Stored(record) => match &record.response {
                 Some(r) => self.replay(r),
@@ -257,17 +259,16 @@ impl<St: Store> Shared<St> {
         }
     }
 
-    async fn store_op<T>(
-        &self,
-        timeout: Duration,
-        op: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        tokio::time::timeout(timeout, op)
-            .await
-            .unwrap_or(Err(StoreError::Timeout))
+    /// Runs one store step under the store timeout.
+    fn store_op<F: Future>(&self, limit: Duration, op: F) -> StoreOp<F> {
+        StoreOp {
+            op,
+            limit,
+            timer: None,
+        }
     }
 
-    /// Completes (with a record) or releases (without) the key of a finished leader.
+    /// Completes (with a record) or releases (without) the key of a finished execution.
     async fn settle(
         &self,
         key: StoreKey,
@@ -300,7 +301,7 @@ impl<St: Store> Shared<St> {
         }
     }
 
-    /// Headers of `parts` that may be stored and replayed.
+    /// Headers that may be stored and replayed.
     fn storable_headers(&self, headers: &HeaderMap) -> HeaderMap {
         let mut out = HeaderMap::with_capacity(headers.len());
         for (name, value) in headers {
@@ -314,6 +315,38 @@ impl<St: Store> Shared<St> {
     fn storable(&self, parts: &response::Parts) -> bool {
         (self.config.store_if)(parts) && parts.extensions.get::<DoNotStore>().is_none()
     }
+}
+
+pin_project_lite::pin_project! {
+    /// A store step bounded by a timeout. The timer is armed only if the step does not finish
+    /// at its first poll (an in-memory store always does), so the fast path pays nothing.
+    struct StoreOp<F> {
+        #[pin]
+        op: F,
+        limit: Duration,
+        timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<T, F: Future<Output = Result<T, StoreError>>> Future for StoreOp<F> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.op.poll(cx) {
+            return Poll::Ready(out);
+        }
+        let limit = *this.limit;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        timer.as_mut().poll(cx).map(|()| Err(StoreError::Timeout))
+    }
+}
+
+/// Polls `fut` once: `Ready` if it finished at once.
+async fn poll_once<F: Future>(mut fut: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
 }
 
 /// Reads the whole body under `limit`, hashing each chunk as it arrives.
@@ -349,14 +382,16 @@ async fn read_body<B: Body<Data = Bytes>>(
     Ok((chunks, trailers))
 }
 
-async fn covered<S, St, ReqBody, ResBody>(
+/// The handling of a covered request. A plain `fn` returning an `async move` block: the
+/// arguments are captured once, not copied into locals as `async fn` parameters would be.
+fn covered<S, St, ReqBody, ResBody>(
     shared: Arc<Shared<St>>,
     inner: S,
     parts: request::Parts,
     body: ReqBody,
-    mut hasher: FingerprintHasher,
+    hasher: FingerprintHasher,
     client_key: Option<StoreKey>,
-) -> LeaderResult<ResBody, S::Error>
+) -> impl Future<Output = LeaderResult<ResBody, S::Error>> + Send
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -366,87 +401,117 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let config = &shared.config;
-    let deadline = Instant::now() + config.max_wait;
-    let (chunks, trailers) = match read_body(body, config.max_body, &mut hasher).await {
-        Ok(read) => read,
-        Err(kind) => return Ok(shared.problem(kind)),
-    };
-    let fingerprint = hasher.finish();
-    let (key, ttl) = match client_key {
-        Some(k) => (k, config.client_key_ttl),
-        None => (StoreKey(fingerprint.0), config.derived_key_ttl),
-    };
-    let req = Request::from_parts(parts, RequestBody::buffered(chunks, trailers));
-    loop {
-        let (flight, leads) = match shared.flights.entry(key) {
-            Entry::Occupied(o) => (o.get().clone(), false),
-            Entry::Vacant(v) => {
-                let flight = Arc::new(Flight {
-                    fingerprint,
-                    outcome: OnceLock::new(),
-                    notify: Notify::new(),
-                });
-                v.insert(flight.clone());
-                (flight, true)
-            }
+    async move {
+        let mut hasher = hasher;
+        let config = &shared.config;
+        let deadline = Instant::now() + config.max_wait;
+        let (chunks, trailers) = match read_body(body, config.max_body, &mut hasher).await {
+            Ok(read) => read,
+            Err(kind) => return Ok(shared.problem(kind)),
         };
-        if leads {
-            let guard = FlightGuard {
-                flights: shared.flights.clone(),
-                key,
-                flight,
-                done: false,
+        let fingerprint = hasher.finish();
+        let (key, ttl) = match client_key {
+            Some(k) => (k, config.client_key_ttl),
+            None => (StoreKey(fingerprint.0), config.derived_key_ttl),
+        };
+        let mut req = Some(Request::from_parts(
+            parts,
+            RequestBody::buffered(chunks, trailers),
+        ));
+        let mut inner = Some(inner);
+        loop {
+            let (flight, leads) = match shared.flights.entry(key) {
+                Entry::Occupied(o) => (o.get().clone(), false),
+                Entry::Vacant(v) => {
+                    let flight = Arc::new(Flight {
+                        fingerprint,
+                        outcome: OnceLock::new(),
+                        notify: Notify::new(),
+                    });
+                    v.insert(flight.clone());
+                    (flight, true)
+                }
             };
-            let leader = LocalLeader {
-                key,
-                fingerprint,
-                ttl,
-                deadline,
-                guard,
-            };
-            return leader.lead(shared, inner, req).await;
-        }
-        let joined = flight;
-        if joined.fingerprint != fingerprint {
-            return Ok(shared.problem(ProblemKind::FingerprintMismatch));
-        }
-        if config.concurrent == Concurrent::Reject {
-            return Ok(shared.problem(ProblemKind::InFlight));
-        }
-        match tokio::time::timeout_at(deadline, joined.wait()).await {
-            Err(_) => return Ok(shared.problem(ProblemKind::InFlight)),
-            Ok(Outcome::Abandoned) => continue,
-            Ok(outcome) => return Ok(shared.answer(&outcome)),
+            if leads {
+                let (Some(inner), Some(req)) = (inner.take(), req.take()) else {
+                    // Unreachable: only the last iteration leads. Answer rather than panic.
+                    return Ok(shared.problem(ProblemKind::LeaderFailed));
+                };
+                let job = Box::new(Job {
+                    key,
+                    fingerprint,
+                    ttl,
+                    deadline,
+                    token: None,
+                    guard: FlightGuard {
+                        flights: shared.flights.clone(),
+                        key,
+                        flight,
+                        done: false,
+                    },
+                    inner,
+                    req: Some(req),
+                });
+                return job.lead(shared).await;
+            }
+            if flight.fingerprint != fingerprint {
+                return Ok(shared.problem(ProblemKind::FingerprintMismatch));
+            }
+            if config.concurrent == Concurrent::Reject {
+                return Ok(shared.problem(ProblemKind::InFlight));
+            }
+            match tokio::time::timeout_at(deadline, flight.wait()).await {
+                Err(_) => return Ok(shared.problem(ProblemKind::InFlight)),
+                Ok(Outcome::Abandoned) => continue,
+                Ok(outcome) => return Ok(shared.answer(&outcome)),
+            }
         }
     }
 }
 
-/// The first request of a key on this instance.
-struct LocalLeader {
+/// The local leader of a key and everything its execution needs, boxed once so that the
+/// futures along the way carry a pointer rather than the request.
+struct Job<S, ReqBody> {
     key: StoreKey,
     fingerprint: Fingerprint,
     ttl: Duration,
     deadline: Instant,
+    /// The store claim, once acquired (`None` also when running unprotected, fail-open).
+    token: Option<Token>,
     guard: FlightGuard,
+    inner: S,
+    req: Option<Request<RequestBody<ReqBody>>>,
 }
 
-impl LocalLeader {
-    async fn lead<S, St, ReqBody, ResBody>(
-        mut self,
+/// How the inner call ended, when it did not fail.
+#[allow(clippy::large_enum_variant)] // built once per execution, moved once
+enum Done {
+    /// The whole body was read: it can be stored.
+    Buffered {
+        parts: response::Parts,
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+    },
+    /// The body was forwarded as it streamed; `ok` is false when it ended in an error.
+    Streamed { storable: bool, ok: bool },
+}
+
+type FrameSender = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+
+impl<S, ReqBody, ResBody> Job<S, ReqBody>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    /// Claims the key in the store and acts on the answer.
+    async fn lead<St: Store>(
+        mut self: Box<Self>,
         shared: Arc<Shared<St>>,
-        inner: S,
-        req: Request<RequestBody<ReqBody>>,
-    ) -> LeaderResult<ResBody, S::Error>
-    where
-        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
-        St: Store,
-        ReqBody: Body<Data = Bytes> + Send + 'static,
-        ResBody: Body<Data = Bytes> + Send + 'static,
-        ResBody::Error: Into<BoxError>,
-    {
+    ) -> LeaderResult<ResBody, S::Error> {
         let config = &shared.config;
         let claim_req = ClaimRequest {
             fingerprint: self.fingerprint,
@@ -463,11 +528,12 @@ impl LocalLeader {
                 .await;
             let claim = match claim {
                 Ok(c) => c,
-                Err(error) => return self.store_failed(shared, inner, req, error).await,
+                Err(error) => return Box::pin(self.store_failed(shared, error)).await,
             };
             match claim {
                 Claim::Acquired { token } => {
-                    return self.spawn(shared, inner, req, Some(token)).await;
+                    self.token = Some(token);
+                    return self.spawn(shared).await;
                 }
                 Claim::Completed(record) if record.fingerprint == self.fingerprint => {
                     let outcome = Outcome::Stored(record);
@@ -492,8 +558,9 @@ impl LocalLeader {
                         break ProblemKind::InFlight;
                     }
                     let wait = shared.store.wait(self.key, left);
-                    if let Err(error) = shared.store_op(left + config.store_timeout, wait).await {
-                        return self.store_failed(shared, inner, req, error).await;
+                    let waited = Box::pin(shared.store_op(left + config.store_timeout, wait)).await;
+                    if let Err(error) = waited {
+                        return Box::pin(self.store_failed(shared, error)).await;
                     }
                 }
             }
@@ -502,22 +569,11 @@ impl LocalLeader {
         Ok(shared.problem(kind))
     }
 
-    async fn store_failed<S, St, ReqBody, ResBody>(
-        mut self,
+    async fn store_failed<St: Store>(
+        mut self: Box<Self>,
         shared: Arc<Shared<St>>,
-        inner: S,
-        req: Request<RequestBody<ReqBody>>,
         error: StoreError,
-    ) -> LeaderResult<ResBody, S::Error>
-    where
-        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
-        St: Store,
-        ReqBody: Body<Data = Bytes> + Send + 'static,
-        ResBody: Body<Data = Bytes> + Send + 'static,
-        ResBody::Error: Into<BoxError>,
-    {
+    ) -> LeaderResult<ResBody, S::Error> {
         match shared.config.failure_mode {
             FailureMode::Closed => {
                 tracing::warn!(key = %self.key, %error, "idempotency store failed; answering 503 (fail closed)");
@@ -528,88 +584,50 @@ impl LocalLeader {
             FailureMode::Open => {
                 tracing::warn!(key = %self.key, %error, "idempotency store failed; running the request without cross-instance protection (fail open)");
                 // Still one execution among this instance's duplicates; the store is skipped.
-                self.spawn(shared, inner, req, None).await
+                self.token = None;
+                self.spawn(shared).await
             }
         }
     }
 
-    /// Runs the inner service in its own task and awaits the response like any waiter.
-    async fn spawn<S, St, ReqBody, ResBody>(
-        self,
+    /// Runs the inner service in its own task and awaits the response like any waiter, so a
+    /// client that goes away cannot cancel the execution.
+    async fn spawn<St: Store>(
+        self: Box<Self>,
         shared: Arc<Shared<St>>,
-        inner: S,
-        req: Request<RequestBody<ReqBody>>,
-        token: Option<Token>,
-    ) -> LeaderResult<ResBody, S::Error>
-    where
-        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
-        St: Store,
-        ReqBody: Body<Data = Bytes> + Send + 'static,
-        ResBody: Body<Data = Bytes> + Send + 'static,
-        ResBody::Error: Into<BoxError>,
-    {
+    ) -> LeaderResult<ResBody, S::Error> {
         let (tx, rx) = oneshot::channel();
-        let task = Execution {
-            shared: shared.clone(),
-            leader: self,
-            token,
-        };
-        tokio::spawn(task.run(inner, req, tx));
+        // Boxed: tokio moves a task's future (and its output stage) by value several times.
+        tokio::spawn(Box::pin(self.run(shared.clone(), tx)));
         match rx.await {
             Ok(result) => result,
             Err(_) => Ok(shared.problem(ProblemKind::LeaderFailed)),
         }
     }
-}
 
-/// The spawned execution of the inner service for one key.
-struct Execution<St> {
-    shared: Arc<Shared<St>>,
-    leader: LocalLeader,
-    token: Option<Token>,
-}
-
-/// How the inner call ended, when it did not fail.
-#[allow(clippy::large_enum_variant)] // built once per execution, moved once
-enum Done {
-    /// The whole body was read: it can be stored.
-    Buffered {
-        parts: response::Parts,
-        data: Bytes,
-        trailers: Option<HeaderMap>,
-    },
-    /// The body was forwarded as it streamed; `ok` is false when it ended in an error.
-    Streamed { storable: bool, ok: bool },
-}
-
-type FrameSender = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
-
-impl<St: Store> Execution<St> {
-    async fn run<S, ReqBody, ResBody>(
-        mut self,
-        mut inner: S,
-        req: Request<RequestBody<ReqBody>>,
+    async fn run<St: Store>(
+        mut self: Box<Self>,
+        shared: Arc<Shared<St>>,
         tx: oneshot::Sender<LeaderResult<ResBody, S::Error>>,
-    ) where
-        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
-        ReqBody: Body<Data = Bytes> + Send + 'static,
-        ResBody: Body<Data = Bytes> + Send + 'static,
-        ResBody::Error: Into<BoxError>,
-    {
-        let shared = self.shared.clone();
+    ) {
         let mut tx = Some(tx);
         let mut sink: Option<FrameSender> = None;
-        let work = async {
-            let res = inner.call(req).await?;
-            Ok(self.deliver(res, &mut tx, &mut sink).await)
+        let Some(req) = self.req.take() else {
+            // Unreachable: a job runs once. The guard answers the waiters.
+            return;
         };
-        let result = AssertUnwindSafe(self.heartbeat(work)).catch_unwind().await;
+        let (key, token) = (self.key, self.token);
+        let inner = &mut self.inner;
+        let result = {
+            let work = pin!(async {
+                let res = inner.call(req).await?;
+                Ok(deliver(&shared, res, &mut tx, &mut sink).await)
+            });
+            AssertUnwindSafe(heartbeat(&shared, key, token, work))
+                .catch_unwind()
+                .await
+        };
 
-        let key = self.leader.key;
         let (record, outcome, reply): (_, _, Option<LeaderResult<ResBody, S::Error>>) = match result
         {
             Ok(Ok(Done::Buffered {
@@ -627,7 +645,7 @@ impl<St: Store> Execution<St> {
                 let reply = Response::from_parts(parts, ResponseBody::full(data, trailers));
                 if storable {
                     let record = Arc::new(Record {
-                        fingerprint: self.leader.fingerprint,
+                        fingerprint: self.fingerprint,
                         response: Some(stored),
                     });
                     (
@@ -642,7 +660,7 @@ impl<St: Store> Execution<St> {
             Ok(Ok(Done::Streamed { storable, ok })) => {
                 if storable && ok {
                     let record = Arc::new(Record {
-                        fingerprint: self.leader.fingerprint,
+                        fingerprint: self.fingerprint,
                         response: None,
                     });
                     (Some(record.clone()), Outcome::Stored(record), None)
@@ -658,7 +676,7 @@ impl<St: Store> Execution<St> {
             Err(_panic) => {
                 tracing::error!(%key, "inner service panicked while handling an idempotent request");
                 if let Some(sink) = sink.take() {
-                    let _ = sink.send(Err("inner service panicked".into())).await;
+                    let _ = Box::pin(sink.send(Err("inner service panicked".into()))).await;
                 }
                 let problem = shared.problem(ProblemKind::LeaderFailed);
                 (
@@ -672,127 +690,149 @@ impl<St: Store> Execution<St> {
         if let (Some(tx), Some(reply)) = (tx.take(), reply) {
             let _ = tx.send(reply);
         }
-        shared
-            .settle(key, self.token, record, self.leader.ttl)
-            .await;
-        self.leader.guard.publish(outcome);
+        shared.settle(key, token, record, self.ttl).await;
+        self.guard.publish(outcome);
     }
+}
 
-    /// Polls `work`, renewing the lease every third of it until `work` ends.
-    async fn heartbeat<T>(&self, work: impl Future<Output = T>) -> T {
-        let Some(token) = self.token else {
-            return work.await;
-        };
-        let shared = &self.shared;
+/// Polls `work`, renewing the lease every third of it while `work` runs. Work that finishes at
+/// its first poll (a fast handler) never arms a timer.
+async fn heartbeat<St: Store, W: Future>(
+    shared: &Shared<St>,
+    key: StoreKey,
+    token: Option<Token>,
+    mut work: std::pin::Pin<&mut W>,
+) -> W::Output {
+    if let Poll::Ready(out) = poll_once(work.as_mut()).await {
+        return out;
+    }
+    let Some(token) = token else {
+        return work.await;
+    };
+    Box::pin(async move {
         let lease = shared.config.lease;
         let period = lease / 3;
-        let mut work = pin!(work);
         let mut tick = pin!(tokio::time::sleep(period));
         loop {
             tokio::select! {
                 biased;
-                out = &mut work => return out,
-                () = &mut tick => {
-                    let extend = shared.store.extend(self.leader.key, token, lease);
+                out = work.as_mut() => return out,
+                () = tick.as_mut() => {
+                    let extend = shared.store.extend(key, token, lease);
                     match shared.store_op(shared.config.store_timeout, extend).await {
                         Ok(true) => {}
-                        Ok(false) => tracing::warn!(key = %self.leader.key, "idempotency lease lost while the handler runs"),
-                        Err(error) => tracing::warn!(key = %self.leader.key, %error, "idempotency lease renewal failed"),
+                        Ok(false) => tracing::warn!(%key, "idempotency lease lost while the handler runs"),
+                        Err(error) => tracing::warn!(%key, %error, "idempotency lease renewal failed"),
                     }
                     tick.as_mut().reset(Instant::now() + period);
                 }
             }
         }
-    }
+    })
+    .await
+}
 
-    /// Reads the response body: whole when it fits the stored-response limit, else forwarded
-    /// to the leader's client as it streams (and read to the end even if that client left).
-    async fn deliver<ResBody, E>(
-        &self,
-        res: Response<ResBody>,
-        tx: &mut Option<oneshot::Sender<LeaderResult<ResBody, E>>>,
-        sink: &mut Option<FrameSender>,
-    ) -> Done
-    where
-        ResBody: Body<Data = Bytes> + Send + 'static,
-        ResBody::Error: Into<BoxError>,
-    {
-        let config = &self.shared.config;
-        let limit = config.max_stored_response;
-        let (parts, body) = res.into_parts();
-        let mut body = pin!(body);
-        let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
-        let mut failed: Option<BoxError> = None;
-        if !(config.is_stream)(&parts) && body.size_hint().lower() <= limit as u64 {
-            let mut len = 0usize;
-            let mut trailers = None;
-            loop {
-                match next_frame(body.as_mut()).await {
-                    None => {
-                        return Done::Buffered {
-                            parts,
-                            data: concat(frames),
-                            trailers,
-                        };
+/// Reads the response body: whole when it fits the stored-response limit, else forwarded to
+/// the leader's client as it streams (and read to the end even if that client left).
+async fn deliver<St: Store, ResBody, E>(
+    shared: &Shared<St>,
+    res: Response<ResBody>,
+    tx: &mut Option<oneshot::Sender<LeaderResult<ResBody, E>>>,
+    sink: &mut Option<FrameSender>,
+) -> Done
+where
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let config = &shared.config;
+    let limit = config.max_stored_response;
+    let (parts, body) = res.into_parts();
+    let mut body = pin!(body);
+    let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
+    let mut failed: Option<BoxError> = None;
+    if !(config.is_stream)(&parts) && body.size_hint().lower() <= limit as u64 {
+        let mut len = 0usize;
+        let mut trailers = None;
+        loop {
+            match next_frame(body.as_mut()).await {
+                None => {
+                    return Done::Buffered {
+                        parts,
+                        data: concat(frames),
+                        trailers,
+                    };
+                }
+                Some(Ok(frame)) => {
+                    if let Some(d) = frame.data_ref() {
+                        len += d.len();
+                    } else if let Some(t) = frame.trailers_ref() {
+                        trailers = Some(t.clone());
                     }
-                    Some(Ok(frame)) => {
-                        if let Some(d) = frame.data_ref() {
-                            len += d.len();
-                        } else if let Some(t) = frame.trailers_ref() {
-                            trailers = Some(t.clone());
-                        }
-                        frames.push_back(frame);
-                        if len > limit {
-                            break;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        failed = Some(e);
+                    frames.push_back(frame);
+                    if len > limit {
                         break;
                     }
                 }
-            }
-        }
-        let storable = self.shared.storable(&parts);
-        let (frame_tx, frame_rx) = mpsc::channel(STREAM_CHANNEL);
-        *sink = Some(frame_tx);
-        if let Some(tx) = tx.take() {
-            let _ = tx.send(Ok(Response::from_parts(
-                parts,
-                ResponseBody::channel(frame_rx),
-            )));
-        }
-        for frame in frames {
-            forward(sink, Ok(frame)).await;
-        }
-        if let Some(e) = failed {
-            forward(sink, Err(e)).await;
-            return Done::Streamed {
-                storable,
-                ok: false,
-            };
-        }
-        let ok = loop {
-            match next_frame(body.as_mut()).await {
-                None => break true,
-                Some(Ok(frame)) => forward(sink, Ok(frame)).await,
                 Some(Err(e)) => {
-                    forward(sink, Err(e)).await;
-                    break false;
+                    failed = Some(e);
+                    break;
                 }
             }
-        };
-        *sink = None;
-        Done::Streamed { storable, ok }
+        }
     }
+    let storable = shared.storable(&parts);
+    let (frame_tx, frame_rx) = mpsc::channel(STREAM_CHANNEL);
+    *sink = Some(frame_tx);
+    if let Some(tx) = tx.take() {
+        let _ = tx.send(Ok(Response::from_parts(
+            parts,
+            ResponseBody::channel(frame_rx),
+        )));
+    }
+    let ok = Box::pin(relay(body, frames, failed, sink)).await;
+    Done::Streamed { storable, ok }
+}
+
+/// Forwards buffered frames, then the rest of the body, to the streaming client; returns
+/// whether the body ended without error.
+async fn relay<B>(
+    mut body: std::pin::Pin<&mut B>,
+    frames: VecDeque<Frame<Bytes>>,
+    failed: Option<BoxError>,
+    sink: &mut Option<FrameSender>,
+) -> bool
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    for frame in frames {
+        forward(sink, Ok(frame)).await;
+    }
+    if let Some(e) = failed {
+        forward(sink, Err(e)).await;
+        return false;
+    }
+    let ok = loop {
+        match next_frame(body.as_mut()).await {
+            None => break true,
+            Some(Ok(frame)) => forward(sink, Ok(frame)).await,
+            Some(Err(e)) => {
+                forward(sink, Err(e)).await;
+                break false;
+            }
+        }
+    };
+    *sink = None;
+    ok
 }
 
 /// Sends to the streaming client while it listens; after it left, frames are dropped.
 async fn forward(sink: &mut Option<FrameSender>, item: Result<Frame<Bytes>, BoxError>) {
     if let Some(s) = sink
-        && s.send(item).await.is_err() {
-            *sink = None;
-        }
+        && s.send(item).await.is_err()
+    {
+        *sink = None;
+    }
 }
 
 /// The next frame, its error boxed at once (so no `B::Error` lives across an await).
@@ -807,9 +847,10 @@ where
 fn concat(mut frames: VecDeque<Frame<Bytes>>) -> Bytes {
     frames.retain(|f| f.is_data());
     if frames.len() == 1
-        && let Some(Ok(d)) = frames.pop_front().map(Frame::into_data) {
-            return d;
-        }
+        && let Some(Ok(d)) = frames.pop_front().map(Frame::into_data)
+    {
+        return d;
+    }
     let len = frames
         .iter()
         .filter_map(|f| f.data_ref())
