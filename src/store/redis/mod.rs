@@ -1,33 +1,4 @@
-//! [`RedisStore`]: a [`Store`] shared by every instance that talks to one Redis (single node or
-//! Redis Cluster).
-//!
-//! ```no_run
-//! use axum::{Router, routing::post};
-//! use tower_idempotency::{IdempotencyLayer, RedisStore};
-//!
-//! # async fn pay() -> &'static str { "charged" }
-//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = RedisStore::connect("redis://127.0.0.1:6379/").await?;
-//! let app: Router = Router::new()
-//!     .route("/payments", post(pay))
-//!     .layer(IdempotencyLayer::new(store));
-//! # Ok(()) }
-//! ```
-//!
-//! - Every step is one Lua script, so one round trip: a first execution costs a claim and a
-//!   complete (plus one lease renewal per third of a lease while the handler runs), a replay
-//!   costs one claim. Scripts are sent as `EVALSHA` and loaded on demand (also after a Redis
-//!   restart).
-//! - Each stored key is one Redis hash named `<prefix>{<64 hex digits>}`; the `{…}` hash tag
-//!   keeps everything about one key in one cluster slot.
-//! - Fencing tokens are random 64-bit values chosen per claim; an expired lease is taken over
-//!   by a compare-and-set inside the claim script. Lease deadlines use Redis's own clock.
-//! - Completed records are stored in a compact, versioned binary encoding; a value that does not
-//!   decode is [`StoreError::Corrupt`], handled by the layer's failure mode.
-//! - Waiters subscribe to a per-key channel (published by the complete and release scripts),
-//!   then read the key, then wait for a message **or** the next poll, whichever is first.
-//! - Every operation is bounded by [`RedisStore::timeout`]; connections made by this module
-//!   reconnect by themselves.
+//! [`RedisStore`]: a [`Store`] in Redis, shared by every instance connected to it.
 
 use std::{fmt, sync::Arc, time::Duration};
 
@@ -48,13 +19,47 @@ mod scripts;
 use notify::Notifier;
 use scripts::{CLAIM_SCRIPT, COMPLETE_SCRIPT, EXTEND_SCRIPT, PEEK_SCRIPT, RELEASE_SCRIPT};
 
-/// A [`Store`] in Redis, shared by every instance connected to it.
+/// A [`Store`] in Redis (single node or Redis Cluster), shared by every instance connected to
+/// it: duplicates landing on different instances still run the inner service once.
+///
+/// ```no_run
+/// use axum::{Router, routing::post};
+/// use tower_idempotency::{IdempotencyLayer, RedisStore};
+///
+/// # async fn pay() -> &'static str { "charged" }
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::connect("redis://127.0.0.1:6379/").await?;
+/// let app: Router = Router::new()
+///     .route("/payments", post(pay))
+///     .layer(IdempotencyLayer::new(store));
+/// # Ok(()) }
+/// ```
+///
+/// - Every step is one Lua script, so one round trip: a first execution costs a claim and a
+///   complete (plus one lease renewal per third of a lease while the handler runs), a replay
+///   costs one claim. Scripts are sent as `EVALSHA` and loaded on demand (also after a Redis
+///   restart).
+/// - Each stored key is one Redis hash named `<prefix>{<64 hex digits>}`; the `{…}` hash tag
+///   keeps everything about one key in one cluster slot.
+/// - Fencing tokens are random 64-bit values chosen per claim; an expired lease is taken over
+///   by a compare-and-set inside the claim script. Lease deadlines use Redis's own clock.
+/// - Completed records are stored in a compact, versioned binary encoding; a value that does not
+///   decode is [`StoreError::Corrupt`], handled by the layer's failure mode.
+/// - Waiters subscribe to a per-key channel (published by the complete and release scripts),
+///   then read the key, then wait for a message **or** the next poll, whichever is first.
+/// - Every operation is bounded by [`RedisStore::timeout`]; the connections made by
+///   [`RedisStore::connect`] reconnect by themselves.
+///
+/// What it does not cover: an instance that crashes after the side effect but before the
+/// complete leaves a claim that the next duplicate takes over once the lease ends, and runs
+/// again ([`Reclaim::Never`] answers "outcome unknown" instead); and instances on separate
+/// Redis deployments (one per region, say) do not see each other's keys.
 ///
 /// Cheap to clone (clones share the connection). The type parameter is the redis-rs
 /// connection: a [`ConnectionManager`](redis::aio::ConnectionManager) by default (made by
-/// [`connect`](Self::connect)), or any other async connection via
-/// [`from_connection`](Self::from_connection): a multiplexed connection, or a cluster
-/// connection with the `redis-cluster` feature.
+/// [`RedisStore::connect`]), or any other async connection via
+/// [`RedisStore::from_connection`]: a multiplexed connection, or a cluster connection with the
+/// `redis-cluster` feature ([`connect_cluster`](RedisStore::connect_cluster)).
 pub struct RedisStore<C = redis::aio::ConnectionManager> {
     conn: C,
     prefix: Arc<str>,
