@@ -15,6 +15,32 @@ use tokio::sync::mpsc;
 
 use crate::BoxError;
 
+/// Buffered body chunks, in order. The common single-chunk body needs no allocation.
+#[derive(Debug, Default)]
+pub(crate) struct Chunks {
+    first: Option<Bytes>,
+    rest: VecDeque<Bytes>,
+}
+
+impl Chunks {
+    pub(crate) fn push(&mut self, chunk: Bytes) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(chunk);
+        } else {
+            self.rest.push_back(chunk);
+        }
+    }
+
+    fn pop(&mut self) -> Option<Bytes> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
+
+    fn len(&self) -> u64 {
+        let first = self.first.as_ref().map_or(0, Bytes::len);
+        (first + self.rest.iter().map(Bytes::len).sum::<usize>()) as u64
+    }
+}
+
 pin_project! {
     /// The request body the inner service sees: the original body when the layer did not
     /// buffer it (uncovered methods, unprotected requests), else the buffered chunks, unchanged
@@ -29,7 +55,7 @@ pin_project! {
     #[project = RequestKindProj]
     enum RequestKind<B> {
         Inner { #[pin] body: B },
-        Buffered { chunks: VecDeque<Bytes>, trailers: Option<Box<HeaderMap>>, remaining: u64 },
+        Buffered { chunks: Chunks, trailers: Option<Box<HeaderMap>>, remaining: u64 },
     }
 }
 
@@ -41,8 +67,8 @@ impl<B> RequestBody<B> {
         }
     }
 
-    pub(crate) fn buffered(chunks: VecDeque<Bytes>, trailers: Option<HeaderMap>) -> Self {
-        let remaining = chunks.iter().map(|c| c.len() as u64).sum();
+    pub(crate) fn buffered(chunks: Chunks, trailers: Option<HeaderMap>) -> Self {
+        let remaining = chunks.len();
         RequestBody {
             kind: RequestKind::Buffered {
                 chunks,
@@ -67,7 +93,7 @@ impl<B: Body<Data = Bytes>> Body for RequestBody<B> {
                 chunks,
                 trailers,
                 remaining,
-            } => Poll::Ready(match chunks.pop_front() {
+            } => Poll::Ready(match chunks.pop() {
                 Some(c) => {
                     *remaining -= c.len() as u64;
                     Some(Ok(Frame::data(c)))
@@ -82,7 +108,7 @@ impl<B: Body<Data = Bytes>> Body for RequestBody<B> {
             RequestKind::Inner { body } => body.is_end_stream(),
             RequestKind::Buffered {
                 chunks, trailers, ..
-            } => chunks.is_empty() && trailers.is_none(),
+            } => chunks.len() == 0 && trailers.is_none(),
         }
     }
 

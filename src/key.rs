@@ -7,7 +7,10 @@
 //! The fingerprint is `SHA-256(scope, method, path-and-query, body)`, with every field but the
 //! last one length-prefixed, and the body length appended after the body.
 
-use std::fmt;
+use std::{
+    fmt,
+    hash::{BuildHasher, Hasher, RandomState},
+};
 
 use http::{HeaderMap, HeaderName, header, request};
 use sha2::{Digest, Sha256};
@@ -49,6 +52,66 @@ macro_rules! hex_debug {
 }
 hex_debug!(StoreKey);
 hex_debug!(Fingerprint);
+
+/// Hashes stored keys for in-process maps. Keys are SHA-256 digests, so two of their words
+/// carry all the entropy a table needs; a per-process secret and a folded multiply keep an
+/// attacker who grinds keys from steering them into one bucket. Cheaper than SipHash over 32
+/// bytes, which would run several times per request.
+#[derive(Clone, Copy)]
+pub(crate) struct KeyHashBuilder {
+    k0: u64,
+    k1: u64,
+}
+
+impl Default for KeyHashBuilder {
+    fn default() -> Self {
+        let seed = RandomState::new();
+        KeyHashBuilder {
+            k0: seed.hash_one(0x5eed_u64),
+            k1: seed.hash_one(0xfeed_u64) | 1,
+        }
+    }
+}
+
+impl BuildHasher for KeyHashBuilder {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher {
+            k0: self.k0,
+            k1: self.k1,
+            h: 0,
+        }
+    }
+}
+
+/// See [`KeyHashBuilder`].
+pub(crate) struct KeyHasher {
+    k0: u64,
+    k1: u64,
+    h: u64,
+}
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks(8).map(|c| {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            u64::from_le_bytes(w)
+        });
+        let a = words.next().unwrap_or(0) ^ self.k0;
+        let b = words.next().unwrap_or(0) ^ self.k1;
+        let m = u128::from(a ^ self.h) * u128::from(b);
+        self.h = (m as u64) ^ ((m >> 64) as u64);
+    }
+
+    fn write_usize(&mut self, _len: usize) {
+        // The length prefix of a 32-byte array carries nothing.
+    }
+
+    fn finish(&self) -> u64 {
+        self.h
+    }
+}
 
 /// The principal a request acts for. Every stored key is namespaced by it, so one principal can
 /// never receive another principal's cached response.

@@ -98,7 +98,7 @@ impl<St: Store> IdempotencyLayer<St> {
                 responder: Arc::new(DefaultResponder),
             },
             store: Arc::new(store),
-            flights: Arc::default(),
+            flights: Arc::new(Flights::with_hasher(Default::default())),
         }
     }
 

@@ -41,6 +41,7 @@
 //!   retry runs again.
 //!
 //! Every answer of the layer itself is an RFC 9457 problem (see [`problem`]).
+#![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod body;

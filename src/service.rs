@@ -34,9 +34,9 @@ use tower_service::Service;
 
 use crate::{
     BoxError,
-    body::{RequestBody, ResponseBody},
+    body::{Chunks, RequestBody, ResponseBody},
     future::ResponseFuture,
-    key::{self, Fingerprint, FingerprintHasher, StoreKey},
+    key::{self, Fingerprint, FingerprintHasher, KeyHashBuilder, StoreKey},
     policy::{Concurrent, Config, DoNotStore, FailureMode, KeyMode},
     problem::{Problem, ProblemKind},
     record::{Record, StoredResponse},
@@ -47,7 +47,7 @@ use crate::{
 const STREAM_CHANNEL: usize = 16;
 
 /// The in-process table of keys being handled on this instance.
-pub(crate) type Flights = DashMap<StoreKey, Arc<Flight>>;
+pub(crate) type Flights = DashMap<StoreKey, Arc<Flight>, KeyHashBuilder>;
 
 /// State shared by every service made from one layer.
 pub(crate) struct Shared<St> {
@@ -354,9 +354,9 @@ async fn read_body<B: Body<Data = Bytes>>(
     body: B,
     limit: usize,
     hasher: &mut FingerprintHasher,
-) -> Result<(VecDeque<Bytes>, Option<HeaderMap>), ProblemKind> {
+) -> Result<(Chunks, Option<HeaderMap>), ProblemKind> {
     let mut body = pin!(body);
-    let mut chunks = VecDeque::new();
+    let mut chunks = Chunks::default();
     let mut trailers = None;
     let mut len = 0usize;
     while let Some(frame) = body.frame().await {
@@ -369,7 +369,7 @@ async fn read_body<B: Body<Data = Bytes>>(
                 }
                 hasher.update(&data);
                 if !data.is_empty() {
-                    chunks.push_back(data);
+                    chunks.push(data);
                 }
             }
             Err(frame) => {
@@ -384,12 +384,13 @@ async fn read_body<B: Body<Data = Bytes>>(
 
 /// The handling of a covered request. A plain `fn` returning an `async move` block: the
 /// arguments are captured once, not copied into locals as `async fn` parameters would be.
+#[allow(clippy::manual_async_fn)] // deliberate: see above
 fn covered<S, St, ReqBody, ResBody>(
     shared: Arc<Shared<St>>,
     inner: S,
     parts: request::Parts,
     body: ReqBody,
-    hasher: FingerprintHasher,
+    mut hasher: FingerprintHasher,
     client_key: Option<StoreKey>,
 ) -> impl Future<Output = LeaderResult<ResBody, S::Error>> + Send
 where
@@ -402,7 +403,6 @@ where
     ResBody::Error: Into<BoxError>,
 {
     async move {
-        let mut hasher = hasher;
         let config = &shared.config;
         let deadline = Instant::now() + config.max_wait;
         let (chunks, trailers) = match read_body(body, config.max_body, &mut hasher).await {

@@ -16,7 +16,7 @@ use tokio::{sync::Notify, time::Instant};
 
 use super::{Claim, ClaimRequest, Reclaim, Store, StoreError, Token};
 use crate::{
-    key::{Fingerprint, StoreKey},
+    key::{Fingerprint, KeyHashBuilder, StoreKey},
     record::Record,
 };
 
@@ -45,7 +45,7 @@ pub struct MemoryStore {
 }
 
 struct Inner {
-    map: DashMap<StoreKey, Entry>,
+    map: DashMap<StoreKey, Entry, KeyHashBuilder>,
     /// Completed keys in completion order, with the sequence number that names the completion
     /// (a stale item, whose key completed again or went away, is skipped).
     order: Mutex<VecDeque<(StoreKey, u64)>>,
@@ -130,7 +130,7 @@ impl MemoryStore {
     fn with_bounds(max_entries: usize, max_bytes: usize) -> Self {
         MemoryStore {
             inner: Arc::new(Inner {
-                map: DashMap::new(),
+                map: DashMap::with_hasher(KeyHashBuilder::default()),
                 order: Mutex::new(VecDeque::new()),
                 len: AtomicUsize::new(0),
                 bytes: AtomicUsize::new(0),
