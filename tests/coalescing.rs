@@ -90,7 +90,9 @@ async fn ten_thousand_concurrent_duplicates_run_once() {
     }
     // Hold the handler until every request has entered the layer: they are all concurrent.
     assert!(
-        eventually(Duration::from_secs(60), || entered.load(Ordering::SeqCst) == N).await,
+        eventually(Duration::from_secs(60), || entered.load(Ordering::SeqCst)
+            == N)
+        .await,
         "only {} of {N} requests entered",
         entered.load(Ordering::SeqCst)
     );
@@ -146,7 +148,11 @@ async fn concurrent_duplicates_over_http_without_a_key_run_once() {
         })
         .collect();
     // Release the handler once every request has reached the layer.
-    assert!(eventually(Duration::from_secs(60), || entered.load(Ordering::SeqCst) == N).await);
+    assert!(
+        eventually(Duration::from_secs(60), || entered.load(Ordering::SeqCst)
+            == N)
+        .await
+    );
     pay_state.gate.open();
     let mut replayed = 0;
     for t in tasks {

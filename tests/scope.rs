@@ -44,10 +44,22 @@ async fn same_key_from_two_users_runs_twice_and_never_crosses() {
     let (counter, url) = start(IdempotencyLayer::new(MemoryStore::new())).await;
     let alice = ("authorization", "Bearer alice");
     let bob = ("authorization", "Bearer bob");
-    assert_eq!(post_as(&url, alice, "k1").await, (false, "#1 for Bearer alice".into()));
-    assert_eq!(post_as(&url, bob, "k1").await, (false, "#2 for Bearer bob".into()));
-    assert_eq!(post_as(&url, alice, "k1").await, (true, "#1 for Bearer alice".into()));
-    assert_eq!(post_as(&url, bob, "k1").await, (true, "#2 for Bearer bob".into()));
+    assert_eq!(
+        post_as(&url, alice, "k1").await,
+        (false, "#1 for Bearer alice".into())
+    );
+    assert_eq!(
+        post_as(&url, bob, "k1").await,
+        (false, "#2 for Bearer bob".into())
+    );
+    assert_eq!(
+        post_as(&url, alice, "k1").await,
+        (true, "#1 for Bearer alice".into())
+    );
+    assert_eq!(
+        post_as(&url, bob, "k1").await,
+        (true, "#2 for Bearer bob".into())
+    );
     assert_eq!(counter.get(), 2);
 }
 
@@ -56,9 +68,18 @@ async fn browser_sessions_are_principals_too() {
     let (counter, url) = start(IdempotencyLayer::new(MemoryStore::new())).await;
     let a = ("cookie", "session=aaa");
     let b = ("cookie", "session=bbb");
-    assert_eq!(post_as(&url, a, "k").await, (false, "#1 for session=aaa".into()));
-    assert_eq!(post_as(&url, b, "k").await, (false, "#2 for session=bbb".into()));
-    assert_eq!(post_as(&url, a, "k").await, (true, "#1 for session=aaa".into()));
+    assert_eq!(
+        post_as(&url, a, "k").await,
+        (false, "#1 for session=aaa".into())
+    );
+    assert_eq!(
+        post_as(&url, b, "k").await,
+        (false, "#2 for session=bbb".into())
+    );
+    assert_eq!(
+        post_as(&url, a, "k").await,
+        (true, "#1 for session=aaa".into())
+    );
     assert_eq!(counter.get(), 2);
 }
 

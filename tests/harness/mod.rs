@@ -92,12 +92,15 @@ pub fn is_replayed(res: &reqwest::Response) -> bool {
 pub async fn assert_problem(res: reqwest::Response, status: u16, slug: &str) -> String {
     assert_eq!(res.status().as_u16(), status, "status");
     assert_eq!(
-        res.headers()["content-type"], "application/problem+json",
+        res.headers()["content-type"],
+        "application/problem+json",
         "content-type"
     );
     let body = res.text().await.unwrap();
     assert!(
-        body.contains(&format!("\"type\":\"urn:tower-idempotency:problem:{slug}\"")),
+        body.contains(&format!(
+            "\"type\":\"urn:tower-idempotency:problem:{slug}\""
+        )),
         "problem type {slug} in {body}"
     );
     assert!(body.contains(&format!("\"status\":{status}")), "{body}");
