@@ -7,13 +7,11 @@ use std::{
     task::{Context, Poll, ready},
 };
 
+use crate::{BoxError, tee::FrameReceiver};
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::sync::mpsc;
-
-use crate::BoxError;
 
 /// Buffered body chunks, in order. The common single-chunk body needs no allocation.
 #[derive(Debug, Default)]
@@ -146,7 +144,11 @@ pin_project! {
     enum ResponseKind<B> {
         Inner { #[pin] body: B },
         Full { data: Option<Bytes>, trailers: Option<Box<HeaderMap>> },
-        Channel { rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>, done: bool },
+        Channel {
+            prefix: VecDeque<Frame<Bytes>>,
+            rx: Option<FrameReceiver>,
+            error: Option<BoxError>,
+        },
     }
 }
 
@@ -167,9 +169,16 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    pub(crate) fn channel(rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>) -> Self {
+    /// Frames relayed by the task running the inner service: `prefix` first (frames recorded
+    /// before this client attached), then the live ones, then `error` if the stream failed
+    /// before this client attached.
+    pub(crate) fn channel(
+        prefix: VecDeque<Frame<Bytes>>,
+        rx: Option<FrameReceiver>,
+        error: Option<BoxError>,
+    ) -> Self {
         ResponseBody {
-            kind: ResponseKind::Channel { rx, done: false },
+            kind: ResponseKind::Channel { prefix, rx, error },
         }
     }
 }
@@ -193,15 +202,17 @@ where
                     .map(|d| Ok(Frame::data(d)))
                     .or_else(|| trailers.take().map(|t| Ok(Frame::trailers(*t)))),
             ),
-            ResponseKindProj::Channel { rx, done } => {
-                if *done {
-                    return Poll::Ready(None);
+            ResponseKindProj::Channel { prefix, rx, error } => {
+                if let Some(frame) = prefix.pop_front() {
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                let next = ready!(rx.poll_recv(cx));
-                if next.is_none() {
-                    *done = true;
+                if let Some(live) = rx {
+                    match ready!(live.poll_recv(cx)) {
+                        Some(item) => return Poll::Ready(Some(item)),
+                        None => *rx = None,
+                    }
                 }
-                Poll::Ready(next)
+                Poll::Ready(error.take().map(Err))
             }
         }
     }
@@ -210,7 +221,9 @@ where
         match &self.kind {
             ResponseKind::Inner { body } => body.is_end_stream(),
             ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
-            ResponseKind::Channel { done, .. } => *done,
+            ResponseKind::Channel { prefix, rx, error } => {
+                prefix.is_empty() && rx.is_none() && error.is_none()
+            }
         }
     }
 

@@ -54,6 +54,7 @@ pub mod problem;
 mod record;
 mod service;
 pub mod store;
+mod tee;
 
 pub use body::{RequestBody, ResponseBody};
 pub use future::ResponseFuture;

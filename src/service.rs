@@ -41,10 +41,8 @@ use crate::{
     problem::{Problem, ProblemKind},
     record::{Record, StoredResponse},
     store::{Claim, ClaimRequest, Store, StoreError, Token},
+    tee::{self, Attached, Relay, Tee},
 };
-
-/// Frames buffered between the leader's task and a streamed response's client.
-const STREAM_CHANNEL: usize = 16;
 
 /// The in-process table of keys being handled on this instance.
 pub(crate) type Flights = DashMap<StoreKey, Arc<Flight>, KeyHashBuilder>;
@@ -60,7 +58,15 @@ pub(crate) struct Shared<St> {
 pub(crate) struct Flight {
     fingerprint: Fingerprint,
     outcome: OnceLock<Outcome>,
+    /// The leader's response while it streams: duplicates attach to it.
+    stream: OnceLock<Arc<Tee>>,
     notify: Notify,
+}
+
+/// What a waiting duplicate learns from the flight.
+enum Joined {
+    Done(Outcome),
+    Stream(Arc<Tee>),
 }
 
 #[derive(Clone)]
@@ -76,15 +82,24 @@ enum Outcome {
 }
 
 impl Flight {
-    async fn wait(&self) -> Outcome {
+    /// Waits for the outcome, or (unless `skip_stream`) for the response to start streaming.
+    async fn wait(&self, skip_stream: bool) -> Joined {
         loop {
             // Created before the check: `notify_waiters` reaches it even before it is polled.
             let notified = self.notify.notified();
             if let Some(o) = self.outcome.get() {
-                return o.clone();
+                return Joined::Done(o.clone());
+            }
+            if !skip_stream && let Some(tee) = self.stream.get() {
+                return Joined::Stream(tee.clone());
             }
             notified.await;
         }
+    }
+
+    fn streaming(&self, tee: Arc<Tee>) {
+        let _ = self.stream.set(tee);
+        self.notify.notify_waiters();
     }
 }
 
@@ -239,6 +254,22 @@ impl<St: Store> Shared<St> {
         ));
         *res.status_mut() = response.status;
         *res.headers_mut() = response.headers.clone();
+        res.headers_mut().insert(
+            self.config.replay_header.clone(),
+            HeaderValue::from_static("true"),
+        );
+        res
+    }
+
+    /// The answer of a duplicate that attached to a streaming response.
+    fn attached<B>(&self, tee: &Tee, attached: Attached) -> Response<ResponseBody<B>> {
+        let mut res = Response::new(ResponseBody::channel(
+            attached.prefix,
+            attached.live,
+            attached.error,
+        ));
+        *res.status_mut() = tee.status;
+        *res.headers_mut() = tee.headers.clone();
         res.headers_mut().insert(
             self.config.replay_header.clone(),
             HeaderValue::from_static("true"),
@@ -426,6 +457,7 @@ where
                     let flight = Arc::new(Flight {
                         fingerprint,
                         outcome: OnceLock::new(),
+                        stream: OnceLock::new(),
                         notify: Notify::new(),
                     });
                     v.insert(flight.clone());
@@ -460,10 +492,18 @@ where
             if config.concurrent == Concurrent::Reject {
                 return Ok(shared.problem(ProblemKind::InFlight));
             }
-            match tokio::time::timeout_at(deadline, flight.wait()).await {
-                Err(_) => return Ok(shared.problem(ProblemKind::InFlight)),
-                Ok(Outcome::Abandoned) => continue,
-                Ok(outcome) => return Ok(shared.answer(&outcome)),
+            let mut skip_stream = false;
+            loop {
+                match tokio::time::timeout_at(deadline, flight.wait(skip_stream)).await {
+                    Err(_) => return Ok(shared.problem(ProblemKind::InFlight)),
+                    Ok(Joined::Stream(tee)) => match tee.attach() {
+                        Some(attached) => return Ok(shared.attached(&tee, attached)),
+                        // Too late to see the stream from its start: wait for the outcome.
+                        None => skip_stream = true,
+                    },
+                    Ok(Joined::Done(Outcome::Abandoned)) => break,
+                    Ok(Joined::Done(outcome)) => return Ok(shared.answer(&outcome)),
+                }
             }
         }
     }
@@ -492,11 +532,15 @@ enum Done {
         data: Bytes,
         trailers: Option<HeaderMap>,
     },
-    /// The body was forwarded as it streamed; `ok` is false when it ended in an error.
-    Streamed { storable: bool, ok: bool },
+    /// The body was relayed as it streamed; `ok` is false when it ended in an error;
+    /// `recorded` holds the whole body and trailers when they fit the stored-response limit.
+    Streamed {
+        storable: bool,
+        ok: bool,
+        tee: Arc<Tee>,
+        recorded: Option<(Bytes, Option<HeaderMap>)>,
+    },
 }
-
-type FrameSender = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
 
 impl<S, ReqBody, ResBody> Job<S, ReqBody>
 where
@@ -611,7 +655,7 @@ where
         tx: oneshot::Sender<LeaderResult<ResBody, S::Error>>,
     ) {
         let mut tx = Some(tx);
-        let mut sink: Option<FrameSender> = None;
+        let mut relay: Option<Relay> = None;
         let Some(req) = self.req.take() else {
             // Unreachable: a job runs once. The guard answers the waiters.
             return;
@@ -621,7 +665,7 @@ where
         let result = {
             let work = pin!(async {
                 let res = inner.call(req).await?;
-                Ok(deliver(&shared, res, &mut tx, &mut sink).await)
+                Ok(deliver(&shared, &self.guard.flight, res, &mut tx, &mut relay).await)
             });
             AssertUnwindSafe(heartbeat(&shared, key, token, work))
                 .catch_unwind()
@@ -657,15 +701,31 @@ where
                     (None, Outcome::Unstored(Arc::new(stored)), Some(Ok(reply)))
                 }
             }
-            Ok(Ok(Done::Streamed { storable, ok })) => {
-                if storable && ok {
-                    let record = Arc::new(Record {
-                        fingerprint: self.fingerprint,
-                        response: None,
-                    });
-                    (Some(record.clone()), Outcome::Stored(record), None)
-                } else {
-                    (None, Outcome::Problem(ProblemKind::LeaderFailed), None)
+            Ok(Ok(Done::Streamed {
+                storable,
+                ok,
+                tee,
+                recorded,
+            })) => {
+                let stored = recorded.map(|(body, trailers)| StoredResponse {
+                    status: tee.status,
+                    headers: tee.headers.clone(),
+                    body,
+                    trailers,
+                });
+                match (ok, storable, stored) {
+                    // Streamed and kept whole: replayable like any response.
+                    (true, true, stored) => {
+                        let record = Arc::new(Record {
+                            fingerprint: self.fingerprint,
+                            response: stored,
+                        });
+                        (Some(record.clone()), Outcome::Stored(record), None)
+                    }
+                    (true, false, Some(stored)) => {
+                        (None, Outcome::Unstored(Arc::new(stored)), None)
+                    }
+                    _ => (None, Outcome::Problem(ProblemKind::LeaderFailed), None),
                 }
             }
             Ok(Err(error)) => (
@@ -675,8 +735,8 @@ where
             ),
             Err(_panic) => {
                 tracing::error!(%key, "inner service panicked while handling an idempotent request");
-                if let Some(sink) = sink.take() {
-                    let _ = Box::pin(sink.send(Err("inner service panicked".into()))).await;
+                if let Some(relay) = relay.take() {
+                    Box::pin(relay.finish(Some("inner service panicked".into()))).await;
                 }
                 let problem = shared.problem(ProblemKind::LeaderFailed);
                 (
@@ -736,9 +796,10 @@ async fn heartbeat<St: Store, W: Future>(
 /// the leader's client as it streams (and read to the end even if that client left).
 async fn deliver<St: Store, ResBody, E>(
     shared: &Shared<St>,
+    flight: &Flight,
     res: Response<ResBody>,
     tx: &mut Option<oneshot::Sender<LeaderResult<ResBody, E>>>,
-    sink: &mut Option<FrameSender>,
+    relay: &mut Option<Relay>,
 ) -> Done
 where
     ResBody: Body<Data = Bytes> + Send + 'static,
@@ -781,58 +842,57 @@ where
         }
     }
     let storable = shared.storable(&parts);
-    let (frame_tx, frame_rx) = mpsc::channel(STREAM_CHANNEL);
-    *sink = Some(frame_tx);
+    let tee = Tee::new(parts.status, shared.storable_headers(&parts.headers), limit);
+    let (leader_tx, leader_rx) = mpsc::channel(tee::CHANNEL);
+    *relay = Some(Relay::new(tee.clone(), leader_tx));
+    flight.streaming(tee.clone());
     if let Some(tx) = tx.take() {
-        let _ = tx.send(Ok(Response::from_parts(
-            parts,
-            ResponseBody::channel(frame_rx),
-        )));
+        let body = ResponseBody::channel(VecDeque::new(), Some(leader_rx), None);
+        let _ = tx.send(Ok(Response::from_parts(parts, body)));
     }
-    let ok = Box::pin(relay(body, frames, failed, sink)).await;
-    Done::Streamed { storable, ok }
+    let (ok, recorded) = Box::pin(pump(body, frames, failed, relay)).await;
+    Done::Streamed {
+        storable,
+        ok,
+        tee,
+        recorded,
+    }
 }
 
-/// Forwards buffered frames, then the rest of the body, to the streaming client; returns
-/// whether the body ended without error.
-async fn relay<B>(
+/// Relays the frames read so far, then the rest of the body, through the tee; returns whether
+/// the body ended without error, and the recording if it fit the limit.
+async fn pump<B>(
     mut body: std::pin::Pin<&mut B>,
     frames: VecDeque<Frame<Bytes>>,
     failed: Option<BoxError>,
-    sink: &mut Option<FrameSender>,
-) -> bool
+    relay: &mut Option<Relay>,
+) -> (bool, Option<(Bytes, Option<HeaderMap>)>)
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    for frame in frames {
-        forward(sink, Ok(frame)).await;
-    }
-    if let Some(e) = failed {
-        forward(sink, Err(e)).await;
-        return false;
-    }
-    let ok = loop {
-        match next_frame(body.as_mut()).await {
-            None => break true,
-            Some(Ok(frame)) => forward(sink, Ok(frame)).await,
-            Some(Err(e)) => {
-                forward(sink, Err(e)).await;
-                break false;
-            }
-        }
+    let Some(r) = relay.as_mut() else {
+        return (false, None);
     };
-    *sink = None;
-    ok
-}
-
-/// Sends to the streaming client while it listens; after it left, frames are dropped.
-async fn forward(sink: &mut Option<FrameSender>, item: Result<Frame<Bytes>, BoxError>) {
-    if let Some(s) = sink
-        && s.send(item).await.is_err()
-    {
-        *sink = None;
+    for frame in frames {
+        r.frame(frame).await;
     }
+    let error = match failed {
+        Some(e) => Some(e),
+        None => loop {
+            match next_frame(body.as_mut()).await {
+                None => break None,
+                Some(Ok(frame)) => r.frame(frame).await,
+                Some(Err(e)) => break Some(e),
+            }
+        },
+    };
+    let ok = error.is_none();
+    let recorded = match relay.take() {
+        Some(r) => r.finish(error).await,
+        None => None,
+    };
+    (ok, recorded)
 }
 
 /// The next frame, its error boxed at once (so no `B::Error` lives across an await).

@@ -447,7 +447,7 @@ async fn events(State(c): State<Counter>) -> impl IntoResponse {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn event_stream_is_delivered_unbuffered_and_not_replayed() {
+async fn event_stream_is_relayed_then_replayed() {
     let counter = Counter::default();
     let app = Router::new()
         .route("/stream", post(events))
@@ -463,8 +463,12 @@ async fn event_stream_is_delivered_unbuffered_and_not_replayed() {
     };
     let res = send().await.unwrap();
     assert_eq!(res.status(), 200);
+    assert!(!is_replayed(&res));
     assert_eq!(res.text().await.unwrap(), "data: one\n\ndata: two\n\n");
-    assert_problem(send().await.unwrap(), 409, "not-replayable").await;
+    let res = send().await.unwrap();
+    assert!(is_replayed(&res));
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    assert_eq!(res.text().await.unwrap(), "data: one\n\ndata: two\n\n");
     assert_eq!(counter.get(), 1);
 }
 

@@ -12,6 +12,8 @@ use std::{
 };
 
 use axum::Router;
+
+pub mod sse;
 use tokio::sync::Notify;
 
 /// Counts handler executions; the count is the assertion of every exactly-once test.
