@@ -19,7 +19,6 @@ use std::{
     convert::Infallible,
     future::{Ready, ready},
     hint::black_box,
-    sync::Mutex,
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -30,11 +29,13 @@ use dashmap::DashMap;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use sha2::{Digest, Sha256};
-use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceExt};
 use tower_idempotency::{IdempotencyLayer, IdempotencyService, MemoryStore};
 
-const CHUNK: u64 = 256;
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{CHUNK, Totals, Variant, interleave};
 
 /// A handler doing nearly nothing, so the layer's own cost shows.
 #[derive(Clone, Copy)]
@@ -57,9 +58,6 @@ impl<B> Service<Request<B>> for Handler {
         ready(Ok(res))
     }
 }
-
-/// Runs `n` requests starting at sequence number `from`; returns the time they took.
-type Variant<'a> = Box<dyn FnMut(&Runtime, u64, u64) -> Duration + 'a>;
 
 async fn drive<S>(svc: &mut S, reqs: Vec<Request<Full<Bytes>>>) -> Duration
 where
@@ -104,51 +102,6 @@ fn floor<'a>(body: Bytes) -> Variant<'a> {
         }
         start.elapsed()
     })
-}
-
-/// Summed time per variant, and requests run, over all criterion samples.
-#[derive(Default)]
-struct Totals(Mutex<(Vec<Duration>, u64)>);
-
-impl Totals {
-    fn ns(&self, i: usize) -> f64 {
-        let t = self.0.lock().unwrap();
-        t.0[i].as_secs_f64() * 1e9 / t.1 as f64
-    }
-}
-
-/// Interleaves `variants` over `iters` requests each, chunk by chunk, rotating the order;
-/// adds every variant's time to `totals` and returns the time of variant `subject`.
-fn interleave(
-    rt: &Runtime,
-    iters: u64,
-    variants: &mut [Variant<'_>],
-    subject: usize,
-    totals: &Totals,
-    seq: &mut u64,
-) -> Duration {
-    let mut times = vec![Duration::ZERO; variants.len()];
-    let mut done = 0;
-    let mut round = 0usize;
-    while done < iters {
-        let n = CHUNK.min(iters - done);
-        for k in 0..variants.len() {
-            let i = (k + round) % variants.len();
-            times[i] += variants[i](rt, *seq, n);
-        }
-        *seq += n;
-        done += n;
-        round += 1;
-    }
-    let mut t = totals.0.lock().unwrap();
-    if t.0.is_empty() {
-        t.0 = vec![Duration::ZERO; variants.len()];
-    }
-    for (acc, x) in t.0.iter_mut().zip(&times) {
-        *acc += *x;
-    }
-    t.1 += iters;
-    times[subject]
 }
 
 fn body(size: usize) -> Bytes {

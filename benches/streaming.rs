@@ -1,0 +1,139 @@
+//! A streamed 1 MiB response (`text/event-stream`, 64 frames of 16 KiB): time to first byte
+//! and total time, bare vs layered (first execution: relayed through the tee, recorded and
+//! stored), as ratios from one interleaved run.
+//!
+//! ```text
+//! cargo bench --bench streaming
+//! ```
+
+use std::{
+    cell::RefCell,
+    convert::Infallible,
+    future::{Ready, ready},
+    rc::Rc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use criterion::Criterion;
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full, StreamBody};
+use tower::{Layer, Service, ServiceExt};
+use tower_idempotency::{IdempotencyLayer, MemoryStore};
+
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{Totals, Variant, interleave_chunked};
+
+const FRAME: usize = 16 * 1024;
+const FRAMES: usize = 64;
+
+type Frames = std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>;
+
+/// Streams 1 MiB as server-sent events.
+#[derive(Clone)]
+struct Generator(Bytes);
+
+impl<B> Service<Request<B>> for Generator {
+    type Response = Response<StreamBody<futures_util::stream::Iter<Frames>>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: Request<B>) -> Self::Future {
+        let frames: Vec<_> = (0..FRAMES)
+            .map(|i| Ok(Frame::data(self.0.slice(i * FRAME..(i + 1) * FRAME))))
+            .collect();
+        let mut res = Response::new(StreamBody::new(futures_util::stream::iter(frames)));
+        res.headers_mut()
+            .insert("content-type", "text/event-stream".parse().unwrap());
+        ready(Ok(res))
+    }
+}
+
+/// Runs requests through `svc`, adding each one's time to first frame to `ttfb`.
+fn variant<'a, S, B>(mut svc: S, ttfb: Rc<RefCell<Duration>>) -> Variant<'a>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + 'a,
+    S::Error: std::fmt::Debug,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    Box::new(move |rt, from, n| {
+        let reqs: Vec<_> = (from..from + n)
+            .map(|i| {
+                Request::post("/v1/chat/completions")
+                    .header("idempotency-key", i)
+                    .body(Full::new(Bytes::from_static(b"{\"stream\":true}")))
+                    .unwrap()
+            })
+            .collect();
+        rt.block_on(async {
+            let start = Instant::now();
+            for req in reqs {
+                let t0 = Instant::now();
+                let res = svc.ready().await.unwrap().call(req).await.unwrap();
+                let mut body = res.into_body();
+                let first = body.frame().await.unwrap().unwrap();
+                *ttfb.borrow_mut() += t0.elapsed();
+                std::hint::black_box(first);
+                while let Some(f) = body.frame().await {
+                    std::hint::black_box(f.unwrap());
+                }
+            }
+            start.elapsed()
+        })
+    })
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(5))
+        .configure_from_args();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let data = Bytes::from(vec![b'x'; FRAME * FRAMES]);
+    let gen_ = Generator(data);
+    let (tb, tl) = (
+        Rc::new(RefCell::new(Duration::ZERO)),
+        Rc::new(RefCell::new(Duration::ZERO)),
+    );
+    let layered = IdempotencyLayer::new(MemoryStore::new().max_bytes(64 << 20)).layer(gen_.clone());
+    let mut variants = vec![variant(gen_, tb.clone()), variant(layered, tl.clone())];
+    let totals = Totals::default();
+    let mut seq = 0;
+    c.bench_function("stream_1mib/total", |b| {
+        b.iter_custom(|iters| {
+            interleave_chunked(8, &rt, iters, &mut variants, 1, &totals, &mut seq)
+        })
+    });
+    drop(variants);
+    if totals.0.lock().unwrap().1 > 0 {
+        let (b, l) = (totals.ns(0), totals.ns(1));
+        let n = totals.0.lock().unwrap().1 as f64;
+        let (fb, fl) = (
+            tb.borrow().as_secs_f64() * 1e9 / n,
+            tl.borrow().as_secs_f64() * 1e9 / n,
+        );
+        println!("\n== 1 MiB event stream, 64 frames (same run, interleaved in chunks of 8) ==");
+        println!(
+            "time to first frame  layered/bare {:.2}  [bare {fb:.0} ns, layered {fl:.0} ns]",
+            fl / fb
+        );
+        println!(
+            "total                layered/bare {:.2}  [bare {:.0} µs, layered {:.0} µs]",
+            l / b,
+            b / 1e3,
+            l / 1e3
+        );
+    }
+    c.final_summary();
+}

@@ -1,0 +1,70 @@
+//! The interleaving harness shared by the benches: variants run in chunks, order rotated.
+#![allow(dead_code)]
+
+use std::{sync::Mutex, time::Duration};
+
+use tokio::runtime::Runtime;
+
+/// Requests per chunk; the order of variants rotates every chunk.
+pub(crate) const CHUNK: u64 = 256;
+
+/// Runs `n` requests starting at sequence number `from`; returns the time they took.
+pub(crate) type Variant<'a> = Box<dyn FnMut(&Runtime, u64, u64) -> Duration + 'a>;
+
+/// Summed time per variant, and requests run, over all criterion samples.
+#[derive(Default)]
+pub(crate) struct Totals(pub(crate) Mutex<(Vec<Duration>, u64)>);
+
+impl Totals {
+    pub(crate) fn ns(&self, i: usize) -> f64 {
+        let t = self.0.lock().unwrap();
+        t.0[i].as_secs_f64() * 1e9 / t.1 as f64
+    }
+}
+
+/// Interleaves `variants` over `iters` requests each, chunk by chunk, rotating the order;
+/// adds every variant's time to `totals` and returns the time of variant `subject`.
+pub(crate) fn interleave(
+    rt: &Runtime,
+    iters: u64,
+    variants: &mut [Variant<'_>],
+    subject: usize,
+    totals: &Totals,
+    seq: &mut u64,
+) -> Duration {
+    interleave_chunked(CHUNK, rt, iters, variants, subject, totals, seq)
+}
+
+/// [`interleave`] with another chunk size (for heavy requests).
+pub(crate) fn interleave_chunked(
+    chunk: u64,
+    rt: &Runtime,
+    iters: u64,
+    variants: &mut [Variant<'_>],
+    subject: usize,
+    totals: &Totals,
+    seq: &mut u64,
+) -> Duration {
+    let mut times = vec![Duration::ZERO; variants.len()];
+    let mut done = 0;
+    let mut round = 0usize;
+    while done < iters {
+        let n = chunk.min(iters - done);
+        for k in 0..variants.len() {
+            let i = (k + round) % variants.len();
+            times[i] += variants[i](rt, *seq, n);
+        }
+        *seq += n;
+        done += n;
+        round += 1;
+    }
+    let mut t = totals.0.lock().unwrap();
+    if t.0.is_empty() {
+        t.0 = vec![Duration::ZERO; variants.len()];
+    }
+    for (acc, x) in t.0.iter_mut().zip(&times) {
+        *acc += *x;
+    }
+    t.1 += iters;
+    times[subject]
+}
