@@ -129,6 +129,28 @@ fn main() {
             lay.1 - base.1
         );
 
+        let router = |idempotency: bool| {
+            let r = axum::Router::new().route(
+                "/v1/payments/{id}",
+                axum::routing::get(|| async { "{}" }).post(|| async { "{}" }),
+            );
+            // `with_state` finalizes the routes once, as `axum::serve` does.
+            if idempotency {
+                r.layer(IdempotencyLayer::new(MemoryStore::new()))
+                    .with_state(())
+            } else {
+                r.layer(tower::layer::util::Identity::new()).with_state(())
+            }
+        };
+        let (mut bare_router, mut layered_router) = (router(false), router(true));
+        let base = count(&mut bare_router, (0..N).map(get).collect()).await;
+        let lay = count(&mut layered_router, (0..N).map(get).collect()).await;
+        println!(
+            "GET pass-through, axum +{:.2} allocations, +{:.0} bytes per request",
+            lay.0 - base.0,
+            lay.1 - base.1
+        );
+
         let base = count(&mut bare, (0..N).map(|_| post(&body, 1)).collect()).await;
         let lay = count(&mut layered, (0..N).map(|_| post(&body, N)).collect()).await;
         println!(

@@ -150,7 +150,37 @@ fn main() {
     if totals.0.lock().unwrap().1 > 0 {
         let (b, l) = (totals.ns(0), totals.ns(1));
         report.push(format!(
-            "GET pass-through         layered/bare {:.3}   [bare {b:.0} ns, layered {l:.0} ns]",
+            "GET pass-through, tower  layered/bare {:.3}   [bare {b:.0} ns, layered {l:.0} ns]",
+            l / b
+        ));
+    }
+
+    // GET pass-through on an axum router, as users deploy it. The bare router also goes
+    // through `Router::layer` (an identity layer): that boxes every route, and the ratio should
+    // be the idempotency layer's own cost.
+    let router = |idempotency: bool| {
+        let r = axum::Router::new().route(
+            "/v1/payments/{id}",
+            axum::routing::get(|| async { "{\"id\":\"ch_123\"}" }),
+        );
+        // `with_state` finalizes the routes once, as `axum::serve` does.
+        if idempotency {
+            r.layer(IdempotencyLayer::new(MemoryStore::new()))
+                .with_state(())
+        } else {
+            r.layer(tower::layer::util::Identity::new()).with_state(())
+        }
+    };
+    let totals = Totals::default();
+    let mut variants = vec![service(router(false), get), service(router(true), get)];
+    c.bench_function("get/axum_router", |b| {
+        b.iter_custom(|iters| interleave(&rt, iters, &mut variants, 1, &totals, &mut seq))
+    });
+    drop(variants);
+    if totals.0.lock().unwrap().1 > 0 {
+        let (b, l) = (totals.ns(0), totals.ns(1));
+        report.push(format!(
+            "GET pass-through, axum   layered/bare {:.3}   [bare {b:.0} ns, layered {l:.0} ns]",
             l / b
         ));
     }

@@ -35,17 +35,15 @@ use crate::{
 /// # let _ = layer;
 /// ```
 pub struct IdempotencyLayer<St> {
-    config: Config,
-    store: Arc<St>,
-    flights: Arc<Flights>,
+    /// Built once; `layer()` only clones the `Arc` (axum may call it per request for routers
+    /// that were not finalized with `with_state`).
+    shared: Arc<Shared<St>>,
 }
 
 impl<St> Clone for IdempotencyLayer<St> {
     fn clone(&self) -> Self {
         IdempotencyLayer {
-            config: self.config.clone(),
-            store: self.store.clone(),
-            flights: self.flights.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -53,7 +51,7 @@ impl<St> Clone for IdempotencyLayer<St> {
 impl<St> fmt::Debug for IdempotencyLayer<St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdempotencyLayer")
-            .field("config", &self.config)
+            .field("config", &self.shared.config)
             .finish_non_exhaustive()
     }
 }
@@ -76,42 +74,50 @@ impl<St: Store> IdempotencyLayer<St> {
 
     /// A layer over `store` with every default of the crate documentation.
     pub fn new(store: St) -> Self {
+        let config = Config {
+            methods: vec![Method::POST, Method::PATCH],
+            key_mode: KeyMode::Derive,
+            scope: Arc::new(Scope::from_credentials),
+            max_body: Self::DEFAULT_MAX_BODY,
+            max_stored_response: Self::DEFAULT_MAX_STORED_RESPONSE,
+            store_if: Arc::new(default_store_if),
+            is_stream: Arc::new(default_is_stream),
+            client_key_ttl: Self::DEFAULT_CLIENT_KEY_TTL,
+            derived_key_ttl: Self::DEFAULT_DERIVED_KEY_TTL,
+            max_wait: Self::DEFAULT_MAX_WAIT,
+            concurrent: Concurrent::Wait,
+            failure_mode: FailureMode::Closed,
+            lease: Self::DEFAULT_LEASE,
+            reclaim: Reclaim::AfterLease,
+            store_timeout: Self::DEFAULT_STORE_TIMEOUT,
+            replay_header: HeaderName::from_static("idempotent-replayed"),
+            strip_headers: vec![header::DATE, header::SET_COOKIE],
+            responder: Arc::new(DefaultResponder),
+        };
         IdempotencyLayer {
-            config: Config {
-                methods: vec![Method::POST, Method::PATCH],
-                key_mode: KeyMode::Derive,
-                scope: Arc::new(Scope::from_credentials),
-                max_body: Self::DEFAULT_MAX_BODY,
-                max_stored_response: Self::DEFAULT_MAX_STORED_RESPONSE,
-                store_if: Arc::new(default_store_if),
-                is_stream: Arc::new(default_is_stream),
-                client_key_ttl: Self::DEFAULT_CLIENT_KEY_TTL,
-                derived_key_ttl: Self::DEFAULT_DERIVED_KEY_TTL,
-                max_wait: Self::DEFAULT_MAX_WAIT,
-                concurrent: Concurrent::Wait,
-                failure_mode: FailureMode::Closed,
-                lease: Self::DEFAULT_LEASE,
-                reclaim: Reclaim::AfterLease,
-                store_timeout: Self::DEFAULT_STORE_TIMEOUT,
-                replay_header: HeaderName::from_static("idempotent-replayed"),
-                strip_headers: vec![header::DATE, header::SET_COOKIE],
-                responder: Arc::new(DefaultResponder),
-            },
-            store: Arc::new(store),
-            flights: Arc::new(Flights::with_hasher(Default::default())),
+            shared: Arc::new(Shared {
+                config,
+                store: Arc::new(store),
+                flights: Arc::new(Flights::with_hasher(Default::default())),
+            }),
         }
+    }
+
+    /// The configuration, to change while building (copied if the layer was cloned).
+    fn config(&mut self) -> &mut Config {
+        &mut Arc::make_mut(&mut self.shared).config
     }
 
     /// The methods the layer covers. Default `POST`, `PATCH`. Other methods pass straight
     /// through: no buffering, no hashing, no store access.
     pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
-        self.config.methods = methods.into_iter().collect();
+        self.config().methods = methods.into_iter().collect();
         self
     }
 
     /// What to do with a covered request without `Idempotency-Key`. Default [`KeyMode::Derive`].
     pub fn key_mode(mut self, mode: KeyMode) -> Self {
-        self.config.key_mode = mode;
+        self.config().key_mode = mode;
         self
     }
 
@@ -139,14 +145,14 @@ impl<St: Store> IdempotencyLayer<St> {
     where
         F: Fn(&request::Parts) -> Scope + Send + Sync + 'static,
     {
-        self.config.scope = Arc::new(f);
+        self.config().scope = Arc::new(f);
         self
     }
 
     /// Largest request body the layer buffers. Default 1 MiB. A `Content-Length` over it is
     /// answered 413 without reading; a body that grows past it, 413 too.
     pub fn max_body(mut self, bytes: usize) -> Self {
-        self.config.max_body = bytes;
+        self.config().max_body = bytes;
         self
     }
 
@@ -154,7 +160,7 @@ impl<St: Store> IdempotencyLayer<St> {
     /// response is delivered to its client unbuffered, and the key is marked completed but not
     /// replayable.
     pub fn max_stored_response(mut self, bytes: usize) -> Self {
-        self.config.max_stored_response = bytes;
+        self.config().max_stored_response = bytes;
         self
     }
 
@@ -166,7 +172,7 @@ impl<St: Store> IdempotencyLayer<St> {
     where
         F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
     {
-        self.config.store_if = Arc::new(f);
+        self.config().store_if = Arc::new(f);
         self
     }
 
@@ -177,7 +183,7 @@ impl<St: Store> IdempotencyLayer<St> {
     where
         F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
     {
-        self.config.is_stream = Arc::new(f);
+        self.config().is_stream = Arc::new(f);
         self
     }
 
@@ -187,7 +193,7 @@ impl<St: Store> IdempotencyLayer<St> {
     /// If `ttl` is zero.
     pub fn client_key_ttl(mut self, ttl: Duration) -> Self {
         assert!(!ttl.is_zero(), "client_key_ttl must be positive");
-        self.config.client_key_ttl = ttl;
+        self.config().client_key_ttl = ttl;
         self
     }
 
@@ -198,26 +204,26 @@ impl<St: Store> IdempotencyLayer<St> {
     /// If `ttl` is zero.
     pub fn derived_key_ttl(mut self, ttl: Duration) -> Self {
         assert!(!ttl.is_zero(), "derived_key_ttl must be positive");
-        self.config.derived_key_ttl = ttl;
+        self.config().derived_key_ttl = ttl;
         self
     }
 
     /// How long a duplicate waits for the original's outcome before a 409 with `Retry-After`.
     /// Default 30 seconds.
     pub fn max_wait(mut self, wait: Duration) -> Self {
-        self.config.max_wait = wait;
+        self.config().max_wait = wait;
         self
     }
 
     /// What a duplicate does while the original runs. Default [`Concurrent::Wait`].
     pub fn concurrent(mut self, mode: Concurrent) -> Self {
-        self.config.concurrent = mode;
+        self.config().concurrent = mode;
         self
     }
 
     /// What to do when the store fails. Default [`FailureMode::Closed`] (503).
     pub fn failure_mode(mut self, mode: FailureMode) -> Self {
-        self.config.failure_mode = mode;
+        self.config().failure_mode = mode;
         self
     }
 
@@ -232,41 +238,41 @@ impl<St: Store> IdempotencyLayer<St> {
             lease >= Duration::from_millis(3),
             "lease must be at least 3 ms"
         );
-        self.config.lease = lease;
+        self.config().lease = lease;
         self
     }
 
     /// What to do with a claim whose lease expired. Default [`Reclaim::AfterLease`]: the next
     /// duplicate runs the request (at-least-once for a crashed holder).
     pub fn reclaim(mut self, reclaim: Reclaim) -> Self {
-        self.config.reclaim = reclaim;
+        self.config().reclaim = reclaim;
         self
     }
 
     /// Timeout of one store operation; past it, the store counts as failed. Default 2 seconds.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
-        self.config.store_timeout = timeout;
+        self.config().store_timeout = timeout;
         self
     }
 
     /// The header that marks a response not produced by this request's own execution.
     /// Default `idempotent-replayed` (value `true`).
     pub fn replay_header(mut self, name: HeaderName) -> Self {
-        self.config.replay_header = name;
+        self.config().replay_header = name;
         self
     }
 
     /// Response headers not stored, so not replayed. Default `date` and `set-cookie`.
     /// Hop-by-hop headers are never stored, whatever this list says.
     pub fn strip_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
-        self.config.strip_headers = names.into_iter().collect();
+        self.config().strip_headers = names.into_iter().collect();
         self
     }
 
     /// Replaces the layer's own responses (400, 409, 413, 422, 500, 503). Default: RFC 9457
     /// problem+json ([`Problem::to_response`](crate::problem::Problem::to_response)).
     pub fn problem_responder(mut self, responder: impl ProblemResponder) -> Self {
-        self.config.responder = Arc::new(responder);
+        self.config().responder = Arc::new(responder);
         self
     }
 }
@@ -275,13 +281,6 @@ impl<S, St: Store> Layer<S> for IdempotencyLayer<St> {
     type Service = IdempotencyService<S, St>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        IdempotencyService::new(
-            inner,
-            Arc::new(Shared {
-                config: self.config.clone(),
-                store: self.store.clone(),
-                flights: self.flights.clone(),
-            }),
-        )
+        IdempotencyService::new(inner, self.shared.clone())
     }
 }

@@ -54,6 +54,16 @@ pub(crate) struct Shared<St> {
     pub(crate) flights: Arc<Flights>,
 }
 
+impl<St> Clone for Shared<St> {
+    fn clone(&self) -> Self {
+        Shared {
+            config: self.config.clone(),
+            store: self.store.clone(),
+            flights: self.flights.clone(),
+        }
+    }
+}
+
 /// One key being handled on this instance: the local leader publishes its outcome once.
 pub(crate) struct Flight {
     fingerprint: Fingerprint,
