@@ -5,7 +5,7 @@
 #   bash scripts/loadtest.sh                  # 5 s per run, 2 threads, 64 connections
 #   DURATION=10s THREADS=2 CONNECTIONS=64 bash scripts/loadtest.sh
 #
-# Each scenario runs off, on, on, off (so drifts of a shared machine hit both alike) and the
+# Each scenario warms both paths for 1 s, then runs off, on, on, off (so drifts of a shared machine hit both alike) and the
 # ratios compare the means. wrk and the server share the machine: ratios are the result,
 # absolute numbers are not.
 set -euo pipefail
@@ -100,6 +100,9 @@ printf '%s\n' "wrk -t$THREADS -c$CONNECTIONS -d$DURATION over $ADDR, order off o
 printf '%-18s %12s %12s %9s %10s %10s %9s\n' scenario "off req/s" "on req/s" "on/off" "off p99" "on p99" "p99 on/off"
 for scenario in "unique-key POST:unique:/pay" "replayed POST:replay:/pay" "GET:report:/item"; do
     IFS=: read -r name script path <<<"$scenario"
+    # Warm-up, not counted: first connections, allocator, caches of both paths.
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d1s -s "$WORK/$script.lua" "$BASE/off$path" >/dev/null
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d1s -s "$WORK/$script.lua" "$BASE/on$path" >/dev/null
     off1=$(run "$script" "/off$path")
     on1=$(run "$script" "/on$path")
     on2=$(run "$script" "/on$path")
