@@ -13,29 +13,63 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-/// Buffered body chunks, in order. The common single-chunk body needs no allocation.
+/// A buffered request body: its chunks in order, and trailers. The common single-chunk body
+/// without trailers needs no allocation, and the whole thing is 40 bytes, so requests that
+/// pass through (whose body type is `RequestBody` too) stay small.
 #[derive(Debug, Default)]
 pub(crate) struct Chunks {
     first: Option<Bytes>,
-    rest: VecDeque<Bytes>,
+    rest: Option<Box<Rest>>,
+}
+
+#[derive(Debug, Default)]
+struct Rest {
+    chunks: VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
 }
 
 impl Chunks {
     pub(crate) fn push(&mut self, chunk: Bytes) {
-        if self.first.is_none() && self.rest.is_empty() {
+        if self.first.is_none() && self.rest.is_none() {
             self.first = Some(chunk);
         } else {
-            self.rest.push_back(chunk);
+            self.rest
+                .get_or_insert_with(Default::default)
+                .chunks
+                .push_back(chunk);
         }
     }
 
-    fn pop(&mut self) -> Option<Bytes> {
-        self.first.take().or_else(|| self.rest.pop_front())
+    pub(crate) fn set_trailers(&mut self, trailers: HeaderMap) {
+        self.rest.get_or_insert_with(Default::default).trailers = Some(trailers);
+    }
+
+    fn next(&mut self) -> Option<Frame<Bytes>> {
+        if let Some(first) = self.first.take() {
+            return Some(Frame::data(first));
+        }
+        let rest = self.rest.as_mut()?;
+        match rest.chunks.pop_front() {
+            Some(c) => Some(Frame::data(c)),
+            None => rest.trailers.take().map(Frame::trailers),
+        }
     }
 
     fn len(&self) -> u64 {
         let first = self.first.as_ref().map_or(0, Bytes::len);
-        (first + self.rest.iter().map(Bytes::len).sum::<usize>()) as u64
+        let rest = self
+            .rest
+            .as_ref()
+            .map_or(0, |r| r.chunks.iter().map(Bytes::len).sum());
+        (first + rest) as u64
+    }
+
+    fn is_end(&self) -> bool {
+        self.first.is_none()
+            && self
+                .rest
+                .as_ref()
+                .is_none_or(|r| r.chunks.is_empty() && r.trailers.is_none())
     }
 }
 
@@ -53,7 +87,7 @@ pin_project! {
     #[project = RequestKindProj]
     enum RequestKind<B> {
         Inner { #[pin] body: B },
-        Buffered { chunks: Chunks, trailers: Option<Box<HeaderMap>>, remaining: u64 },
+        Buffered { chunks: Chunks },
     }
 }
 
@@ -65,14 +99,9 @@ impl<B> RequestBody<B> {
         }
     }
 
-    pub(crate) fn buffered(chunks: Chunks, trailers: Option<HeaderMap>) -> Self {
-        let remaining = chunks.len();
+    pub(crate) fn buffered(chunks: Chunks) -> Self {
         RequestBody {
-            kind: RequestKind::Buffered {
-                chunks,
-                trailers: trailers.map(Box::new),
-                remaining,
-            },
+            kind: RequestKind::Buffered { chunks },
         }
     }
 }
@@ -87,33 +116,21 @@ impl<B: Body<Data = Bytes>> Body for RequestBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             RequestKindProj::Inner { body } => body.poll_frame(cx),
-            RequestKindProj::Buffered {
-                chunks,
-                trailers,
-                remaining,
-            } => Poll::Ready(match chunks.pop() {
-                Some(c) => {
-                    *remaining -= c.len() as u64;
-                    Some(Ok(Frame::data(c)))
-                }
-                None => trailers.take().map(|t| Ok(Frame::trailers(*t))),
-            }),
+            RequestKindProj::Buffered { chunks } => Poll::Ready(chunks.next().map(Ok)),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             RequestKind::Inner { body } => body.is_end_stream(),
-            RequestKind::Buffered {
-                chunks, trailers, ..
-            } => chunks.len() == 0 && trailers.is_none(),
+            RequestKind::Buffered { chunks } => chunks.is_end(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             RequestKind::Inner { body } => body.size_hint(),
-            RequestKind::Buffered { remaining, .. } => SizeHint::with_exact(*remaining),
+            RequestKind::Buffered { chunks } => SizeHint::with_exact(chunks.len()),
         }
     }
 }
@@ -122,11 +139,18 @@ impl<B> fmt::Debug for RequestBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
             RequestKind::Inner { .. } => f.write_str("RequestBody::Inner"),
-            RequestKind::Buffered { remaining, .. } => {
-                write!(f, "RequestBody::Buffered({remaining} bytes)")
+            RequestKind::Buffered { chunks } => {
+                write!(f, "RequestBody::Buffered({} bytes)", chunks.len())
             }
         }
     }
+}
+
+/// Frames relayed from the task running the inner service.
+struct Relayed {
+    prefix: VecDeque<Frame<Bytes>>,
+    rx: Option<FrameReceiver>,
+    error: Option<BoxError>,
 }
 
 pin_project! {
@@ -144,11 +168,8 @@ pin_project! {
     enum ResponseKind<B> {
         Inner { #[pin] body: B },
         Full { data: Option<Bytes>, trailers: Option<Box<HeaderMap>> },
-        Channel {
-            prefix: VecDeque<Frame<Bytes>>,
-            rx: Option<FrameReceiver>,
-            error: Option<BoxError>,
-        },
+        // Boxed: streams are rare, and pass-through responses should stay small.
+        Channel { relay: Box<Relayed> },
     }
 }
 
@@ -178,7 +199,9 @@ impl<B> ResponseBody<B> {
         error: Option<BoxError>,
     ) -> Self {
         ResponseBody {
-            kind: ResponseKind::Channel { prefix, rx, error },
+            kind: ResponseKind::Channel {
+                relay: Box::new(Relayed { prefix, rx, error }),
+            },
         }
     }
 }
@@ -202,7 +225,8 @@ where
                     .map(|d| Ok(Frame::data(d)))
                     .or_else(|| trailers.take().map(|t| Ok(Frame::trailers(*t)))),
             ),
-            ResponseKindProj::Channel { prefix, rx, error } => {
+            ResponseKindProj::Channel { relay } => {
+                let Relayed { prefix, rx, error } = &mut **relay;
                 if let Some(frame) = prefix.pop_front() {
                     return Poll::Ready(Some(Ok(frame)));
                 }
@@ -221,8 +245,8 @@ where
         match &self.kind {
             ResponseKind::Inner { body } => body.is_end_stream(),
             ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
-            ResponseKind::Channel { prefix, rx, error } => {
-                prefix.is_empty() && rx.is_none() && error.is_none()
+            ResponseKind::Channel { relay } => {
+                relay.prefix.is_empty() && relay.rx.is_none() && relay.error.is_none()
             }
         }
     }

@@ -395,10 +395,9 @@ async fn read_body<B: Body<Data = Bytes>>(
     body: B,
     limit: usize,
     hasher: &mut FingerprintHasher,
-) -> Result<(Chunks, Option<HeaderMap>), ProblemKind> {
+) -> Result<Chunks, ProblemKind> {
     let mut body = pin!(body);
     let mut chunks = Chunks::default();
-    let mut trailers = None;
     let mut len = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| ProblemKind::BodyReadError)?;
@@ -415,12 +414,12 @@ async fn read_body<B: Body<Data = Bytes>>(
             }
             Err(frame) => {
                 if let Ok(t) = frame.into_trailers() {
-                    trailers = Some(t);
+                    chunks.set_trailers(t);
                 }
             }
         }
     }
-    Ok((chunks, trailers))
+    Ok(chunks)
 }
 
 /// The handling of a covered request. A plain `fn` returning an `async move` block: the
@@ -446,7 +445,7 @@ where
     async move {
         let config = &shared.config;
         let deadline = Instant::now() + config.max_wait;
-        let (chunks, trailers) = match read_body(body, config.max_body, &mut hasher).await {
+        let chunks = match read_body(body, config.max_body, &mut hasher).await {
             Ok(read) => read,
             Err(kind) => return Ok(shared.problem(kind)),
         };
@@ -455,10 +454,7 @@ where
             Some(k) => (k, config.client_key_ttl),
             None => (StoreKey(fingerprint.0), config.derived_key_ttl),
         };
-        let mut req = Some(Request::from_parts(
-            parts,
-            RequestBody::buffered(chunks, trailers),
-        ));
+        let mut req = Some(Request::from_parts(parts, RequestBody::buffered(chunks)));
         let mut inner = Some(inner);
         loop {
             let (flight, leads) = match shared.flights.entry(key) {
