@@ -11,16 +11,17 @@
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
-    convert::Infallible,
-    future::{Ready, ready},
     sync::atomic::{AtomicU64, Ordering},
-    task::{Context, Poll},
 };
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::Request;
 use http_body_util::Full;
 use tower::{Layer, Service, ServiceExt};
+#[path = "support/mod.rs"]
+mod support;
+
+use support::Handler;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
 struct Counting;
@@ -46,25 +47,6 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-#[derive(Clone, Copy)]
-struct Handler;
-
-impl<B> Service<Request<B>> for Handler {
-    type Response = Response<Full<Bytes>>;
-    type Error = Infallible;
-    type Future = Ready<Result<Self::Response, Infallible>>;
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, _: Request<B>) -> Self::Future {
-        let mut res = Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")));
-        *res.status_mut() = StatusCode::CREATED;
-        res.headers_mut()
-            .insert("content-type", "application/json".parse().unwrap());
-        ready(Ok(res))
-    }
-}
 
 const N: u64 = 10_000;
 

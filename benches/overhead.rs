@@ -16,17 +16,14 @@
 //! ```
 
 use std::{
-    convert::Infallible,
-    future::{Ready, ready},
     hint::black_box,
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use criterion::Criterion;
 use dashmap::DashMap;
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::Full;
 use sha2::{Digest, Sha256};
 use tower::{Layer, Service, ServiceExt};
@@ -35,29 +32,7 @@ use tower_idempotency::{IdempotencyLayer, IdempotencyService, MemoryStore};
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{CHUNK, Totals, Variant, interleave};
-
-/// A handler doing nearly nothing, so the layer's own cost shows.
-#[derive(Clone, Copy)]
-struct Handler;
-
-impl<B> Service<Request<B>> for Handler {
-    type Response = Response<Full<Bytes>>;
-    type Error = Infallible;
-    type Future = Ready<Result<Self::Response, Infallible>>;
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, _: Request<B>) -> Self::Future {
-        let mut res = Response::new(Full::new(Bytes::from_static(
-            b"{\"id\":\"ch_123\",\"ok\":true}",
-        )));
-        *res.status_mut() = StatusCode::CREATED;
-        res.headers_mut()
-            .insert("content-type", "application/json".parse().unwrap());
-        ready(Ok(res))
-    }
-}
+use support::{CHUNK, Handler, Totals, Variant, interleave};
 
 async fn drive<S>(svc: &mut S, reqs: Vec<Request<Full<Bytes>>>) -> Duration
 where

@@ -58,7 +58,10 @@ use tower::{Layer, Service, ServiceExt, layer::util::Identity};
 use tower_cookies::CookieManagerLayer;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
-const CHUNK: u64 = 256;
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{CHUNK, Totals, Variant, interleave};
 const NAMES: [&str; 4] = ["bare", "ours", "axum-idempotent", "naive"];
 const BARE: usize = 0;
 const OURS: usize = 1;
@@ -262,9 +265,6 @@ async fn end_session(router: &mut Router, cookie: &str) {
     black_box(call(router, req).await);
 }
 
-/// Runs `n` requests starting at sequence number `from`; returns the time they took.
-type Variant<'a> = Box<dyn FnMut(&Runtime, u64, u64) -> Duration + 'a>;
-
 async fn drive(router: &mut Router, reqs: Vec<Request>) -> Duration {
     let start = Instant::now();
     for req in reqs {
@@ -307,51 +307,6 @@ fn peer_first<'a>(mut router: Router, body: Bytes) -> Variant<'a> {
             t
         })
     })
-}
-
-/// Summed time per variant, and requests run, over all criterion samples.
-#[derive(Default)]
-struct Totals(Mutex<(Vec<Duration>, u64)>);
-
-impl Totals {
-    fn ns(&self, i: usize) -> f64 {
-        let t = self.0.lock().unwrap();
-        t.0[i].as_secs_f64() * 1e9 / t.1 as f64
-    }
-}
-
-/// Interleaves `variants` over `iters` requests each, chunk by chunk, rotating the order;
-/// adds every variant's time to `totals` and returns the time of variant `subject`.
-fn interleave(
-    rt: &Runtime,
-    iters: u64,
-    variants: &mut [Variant<'_>],
-    subject: usize,
-    totals: &Totals,
-    seq: &mut u64,
-) -> Duration {
-    let mut times = vec![Duration::ZERO; variants.len()];
-    let mut done = 0;
-    let mut round = 0usize;
-    while done < iters {
-        let n = CHUNK.min(iters - done);
-        for k in 0..variants.len() {
-            let i = (k + round) % variants.len();
-            times[i] += variants[i](rt, *seq, n);
-        }
-        *seq += n;
-        done += n;
-        round += 1;
-    }
-    let mut t = totals.0.lock().unwrap();
-    if t.0.is_empty() {
-        t.0 = vec![Duration::ZERO; variants.len()];
-    }
-    for (acc, x) in t.0.iter_mut().zip(&times) {
-        *acc += *x;
-    }
-    t.1 += iters;
-    times[subject]
 }
 
 fn app(delay: Duration) -> App {

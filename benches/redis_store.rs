@@ -13,47 +13,25 @@
 //! ```
 
 use std::{
-    convert::Infallible,
-    future::{Ready, ready},
     hint::black_box,
     net::TcpListener,
     process::{Child, Command, Stdio},
     sync::Mutex,
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use criterion::Criterion;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body_util::Full;
 use tower::{Layer, Service, ServiceExt};
+#[path = "support/mod.rs"]
+mod support;
+
+use support::Handler;
 use tower_idempotency::{IdempotencyLayer, MemoryStore, RedisStore};
 
 const CHUNK: u64 = 128;
-
-#[derive(Clone, Copy)]
-struct Handler;
-
-impl<B> Service<Request<B>> for Handler {
-    type Response = Response<Full<Bytes>>;
-    type Error = Infallible;
-    type Future = Ready<Result<Self::Response, Infallible>>;
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, _: Request<B>) -> Self::Future {
-        let mut res = Response::new(Full::new(Bytes::from_static(
-            b"{\"id\":\"ch_123\",\"ok\":true}",
-        )));
-        *res.status_mut() = StatusCode::CREATED;
-        res.headers_mut().insert(
-            "content-type",
-            http::HeaderValue::from_static("application/json"),
-        );
-        ready(Ok(res))
-    }
-}
 
 fn post(body: &Bytes, key: &str) -> Request<Full<Bytes>> {
     Request::post("/v1/payments")

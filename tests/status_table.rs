@@ -76,6 +76,22 @@ fn app() -> App {
     }
 }
 
+/// Serves one counted `POST` route behind `layer`; returns the counter and the route's URL.
+async fn serve_route<H, T, St>(handler: H, layer: IdempotencyLayer<St>) -> (Counter, String)
+where
+    H: axum::handler::Handler<T, Counter>,
+    T: 'static,
+    St: Store,
+{
+    let counter = Counter::default();
+    let app = Router::new()
+        .route("/r", post(handler))
+        .layer(layer)
+        .with_state(counter.clone());
+    let addr = serve(app).await;
+    (counter, format!("http://{addr}/r"))
+}
+
 async fn start(layer: IdempotencyLayer<MemoryStore>, app: &App) -> String {
     let addr = serve(router(layer, app.clone())).await;
     format!("http://{addr}/pay")
@@ -397,16 +413,11 @@ async fn vetoed(State(c): State<Counter>) -> impl IntoResponse {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_veto_is_respected() {
-    let counter = Counter::default();
-    let app = Router::new()
-        .route("/quote", post(vetoed))
-        .layer(IdempotencyLayer::new(MemoryStore::new()))
-        .with_state(counter.clone());
-    let addr = serve(app).await;
+    let (counter, url) = serve_route(vetoed, IdempotencyLayer::new(MemoryStore::new())).await;
     let client = client();
     for n in 1..=2 {
         let res = client
-            .post(format!("http://{addr}/quote"))
+            .post(url.as_str())
             .header("idempotency-key", "q")
             .send()
             .await
@@ -448,16 +459,11 @@ async fn events(State(c): State<Counter>) -> impl IntoResponse {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_stream_is_relayed_then_replayed() {
-    let counter = Counter::default();
-    let app = Router::new()
-        .route("/stream", post(events))
-        .layer(IdempotencyLayer::new(MemoryStore::new()))
-        .with_state(counter.clone());
-    let addr = serve(app).await;
+    let (counter, url) = serve_route(events, IdempotencyLayer::new(MemoryStore::new())).await;
     let client = client();
     let send = || {
         client
-            .post(format!("http://{addr}/stream"))
+            .post(url.as_str())
             .header("idempotency-key", "gen-1")
             .send()
     };
@@ -481,16 +487,11 @@ async fn panics_first(State(c): State<Counter>) -> &'static str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panicking_handler_is_500_then_a_retry_runs() {
-    let counter = Counter::default();
-    let app = Router::new()
-        .route("/p", post(panics_first))
-        .layer(IdempotencyLayer::new(MemoryStore::new()))
-        .with_state(counter.clone());
-    let addr = serve(app).await;
+    let (counter, url) = serve_route(panics_first, IdempotencyLayer::new(MemoryStore::new())).await;
     let client = client();
     let send = || {
         client
-            .post(format!("http://{addr}/p"))
+            .post(url.as_str())
             .header("idempotency-key", "boom")
             .send()
     };
@@ -502,6 +503,11 @@ async fn panicking_handler_is_500_then_a_retry_runs() {
     assert!(!is_replayed(&res));
     assert_eq!(res.text().await.unwrap(), "ok");
     assert_eq!(counter.get(), 2);
+}
+
+async fn counted_ok(State(c): State<Counter>) -> &'static str {
+    c.hit();
+    "ok"
 }
 
 /// A store whose every operation fails, as an unreachable Redis would.
@@ -537,20 +543,9 @@ impl Store for DownStore {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_down_fails_closed_with_503() {
-    let counter = Counter::default();
-    let app = Router::new()
-        .route(
-            "/pay",
-            post(|State(c): State<Counter>| async move {
-                c.hit();
-                "ok"
-            }),
-        )
-        .layer(IdempotencyLayer::new(DownStore))
-        .with_state(counter.clone());
-    let addr = serve(app).await;
+    let (counter, url) = serve_route(counted_ok, IdempotencyLayer::new(DownStore)).await;
     let res = client()
-        .post(format!("http://{addr}/pay"))
+        .post(url.as_str())
         .header("idempotency-key", "k")
         .send()
         .await
@@ -584,22 +579,15 @@ async fn store_down_fails_open_with_a_warning() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let counter = Counter::default();
-    let app = Router::new()
-        .route(
-            "/pay",
-            post(|State(c): State<Counter>| async move {
-                c.hit();
-                "ok"
-            }),
-        )
-        .layer(IdempotencyLayer::new(DownStore).failure_mode(FailureMode::Open))
-        .with_state(counter.clone());
-    let addr = serve(app).await;
+    let (counter, url) = serve_route(
+        counted_ok,
+        IdempotencyLayer::new(DownStore).failure_mode(FailureMode::Open),
+    )
+    .await;
     let client = client();
     for _ in 0..2 {
         let res = client
-            .post(format!("http://{addr}/pay"))
+            .post(url.as_str())
             .header("idempotency-key", "k")
             .send()
             .await

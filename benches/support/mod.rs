@@ -1,9 +1,43 @@
 //! The interleaving harness shared by the benches: variants run in chunks, order rotated.
 #![allow(dead_code)]
 
-use std::{sync::Mutex, time::Duration};
+use std::{
+    convert::Infallible,
+    future::{Ready, ready},
+    sync::Mutex,
+    task::{Context, Poll},
+    time::Duration,
+};
 
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
 use tokio::runtime::Runtime;
+use tower::Service;
+
+/// A handler doing nearly nothing (a small JSON 201), so the layer's own cost shows.
+#[derive(Clone, Copy)]
+pub(crate) struct Handler;
+
+impl<B> Service<Request<B>> for Handler {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: Request<B>) -> Self::Future {
+        let mut res = Response::new(Full::new(Bytes::from_static(
+            b"{\"id\":\"ch_123\",\"ok\":true}",
+        )));
+        *res.status_mut() = StatusCode::CREATED;
+        res.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        ready(Ok(res))
+    }
+}
 
 /// Requests per chunk; the order of variants rotates every chunk.
 pub(crate) const CHUNK: u64 = 256;
