@@ -642,13 +642,20 @@ where
 
     /// Runs the inner service in its own task and awaits the response like any waiter, so a
     /// client that goes away cannot cancel the execution.
+    ///
+    /// The execution is polled once right here first: if it finishes in that poll (a handler
+    /// that never waits, with a store that never waits) there is nothing left that a
+    /// disconnect could cancel, and no task is needed. Otherwise the boxed execution, pinned on
+    /// the heap, moves to its own task before this future can be dropped.
     async fn spawn<St: Store>(
         self: Box<Self>,
         shared: Arc<Shared<St>>,
     ) -> LeaderResult<ResBody, S::Error> {
         let (tx, rx) = oneshot::channel();
-        // Boxed: tokio moves a task's future (and its output stage) by value several times.
-        tokio::spawn(Box::pin(self.run(shared.clone(), tx)));
+        let mut execution = Box::pin(self.run(shared.clone(), tx));
+        if poll_once(execution.as_mut()).await.is_pending() {
+            tokio::spawn(execution);
+        }
         match rx.await {
             Ok(result) => result,
             Err(_) => Ok(shared.problem(ProblemKind::LeaderFailed)),
