@@ -444,7 +444,8 @@ where
 {
     async move {
         let config = &shared.config;
-        let deadline = Instant::now() + config.max_wait;
+        // `max_wait` counts from the first wait (set then: a clock read leaders never pay).
+        let mut deadline: Option<Instant> = None;
         let chunks = match read_body(body, config.max_body, &mut hasher).await {
             Ok(read) => read,
             Err(kind) => return Ok(shared.problem(kind)),
@@ -500,7 +501,8 @@ where
             }
             let mut skip_stream = false;
             loop {
-                match tokio::time::timeout_at(deadline, flight.wait(skip_stream)).await {
+                let until = *deadline.get_or_insert_with(|| Instant::now() + config.max_wait);
+                match tokio::time::timeout_at(until, flight.wait(skip_stream)).await {
                     Err(_) => return Ok(shared.problem(ProblemKind::InFlight)),
                     Ok(Joined::Stream(tee)) => match tee.attach() {
                         Some(attached) => return Ok(shared.attached(&tee, attached)),
@@ -521,7 +523,8 @@ struct Job<S, ReqBody> {
     key: StoreKey,
     fingerprint: Fingerprint,
     ttl: Duration,
-    deadline: Instant,
+    /// End of `max_wait`, once this request started waiting.
+    deadline: Option<Instant>,
     /// The store claim, once acquired (`None` also when running unprotected, fail-open).
     token: Option<Token>,
     guard: FlightGuard,
@@ -603,7 +606,9 @@ where
                 }
                 Claim::InFlight { .. } => {
                     // Held by another instance: wait for it, then claim again.
-                    let left = self.deadline.saturating_duration_since(Instant::now());
+                    let now = Instant::now();
+                    let until = *self.deadline.get_or_insert_with(|| now + config.max_wait);
+                    let left = until.saturating_duration_since(now);
                     if left.is_zero() {
                         break ProblemKind::InFlight;
                     }
