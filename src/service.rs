@@ -6,8 +6,10 @@
 //! 4. Local coalescing: the first request of a key on this instance becomes the *local leader*;
 //!    concurrent duplicates wait for its outcome, so the store sees the key once.
 //! 5. The local leader claims the key in the store: replay, 422, wait for another instance, or
-//!    run the inner service in a spawned task (so a disconnecting client cannot cancel it).
-//! 6. The task stores or releases the outcome, answers its own client and every waiter.
+//!    run the inner service as an execution of its own: polled once in place, and moved to a
+//!    spawned task if it did not finish (so a disconnecting client cannot cancel it).
+//! 6. The execution stores or releases the outcome, answers its own client and every waiter;
+//!    a streaming response is teed to them as it arrives (see `tee`).
 
 use std::{
     collections::VecDeque,
