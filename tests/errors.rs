@@ -100,3 +100,54 @@ async fn unreadable_request_body_is_400_and_never_runs() {
     assert!(String::from_utf8_lossy(&body).contains("body-read-error"));
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
+
+// Current-thread runtime, as above: "entered" means "joined the flight".
+#[tokio::test]
+async fn waiters_share_an_unstored_5xx_and_a_retry_runs_again() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let entered = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(Notify::new());
+    let (c, r, e) = (calls.clone(), release.clone(), entered.clone());
+    let svc = ServiceBuilder::new()
+        .map_request(move |req: Request<Full<Bytes>>| {
+            e.fetch_add(1, Ordering::SeqCst);
+            req
+        })
+        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .service(service_fn(move |_req: Request<_>| {
+            let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+            let r = r.clone();
+            async move {
+                let mut res = Response::new(Full::new(Bytes::from(format!("attempt {n}"))));
+                if n == 1 {
+                    r.notified().await;
+                    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                }
+                Ok::<_, Infallible>(res)
+            }
+        }));
+    let leader = tokio::spawn(svc.clone().oneshot(req("a")));
+    let waiters: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(svc.clone().oneshot(req("a"))))
+        .collect();
+    while entered.load(Ordering::SeqCst) < 21 || calls.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    release.notify_one();
+    let res = leader.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!res.headers().contains_key("idempotent-replayed"));
+    for w in waiters {
+        let res = w.await.unwrap().unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()["idempotent-replayed"], "true");
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "attempt 1");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Not stored: the retry runs again.
+    let res = svc.clone().oneshot(req("a")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "attempt 2");
+}
