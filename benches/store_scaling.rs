@@ -48,7 +48,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header::CONTENT_TYPE};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
 use tower_idempotency::{
-    Fingerprint, MemoryStore, Record, StoreKey, StoredResponse,
+    Fingerprint, MemoryStore, Record, StoreKey, StoredHeaders, StoredResponse,
     store::{Claim, ClaimRequest, Reclaim, Store, Token},
 };
 
@@ -109,7 +109,7 @@ fn record(fp: Fingerprint) -> Arc<Record> {
         fingerprint: fp,
         response: Some(StoredResponse {
             status: StatusCode::CREATED,
-            headers: headers(),
+            headers: headers().into(),
             body: Bytes::copy_from_slice(BODY),
             trailers: None,
         }),
@@ -328,13 +328,13 @@ fn interleave(
     largest.mul_f64(iters as f64 / (chunks * CHUNK) as f64)
 }
 
-/// Live heap bytes of one stored header map (`content-type: application/json`).
+/// Live heap bytes of the stored headers (`content-type: application/json`).
 fn header_map_bytes() -> f64 {
     const N: usize = 10_000;
     let mut v = Vec::with_capacity(N);
     let before = LIVE.load(Ordering::Relaxed);
     for _ in 0..N {
-        v.push(headers());
+        v.push(StoredHeaders::from(headers()));
     }
     let d = (LIVE.load(Ordering::Relaxed) - before) as f64 / N as f64;
     drop(v);
@@ -404,14 +404,14 @@ fn main() {
         println!("{line}");
     }
     println!(
-        "\n== heap bytes per stored record (body {} B, header map {header_bytes:.0} B measured alone; size_of::<Record>() = {} B) ==",
+        "\n== heap bytes per stored record (body {} B, stored headers {header_bytes:.0} B measured alone; size_of::<Record>() = {} B) ==",
         BODY.len(),
         std::mem::size_of::<Record>(),
     );
     for f in &fixtures {
         let b = f.bytes_per_record;
         println!(
-            "{:>9} records  {b:>6.0} B/record  overhead beyond body and header map {:>5.0} B  (beyond body and header bytes {:>5.0} B)",
+            "{:>9} records  {b:>6.0} B/record  overhead beyond body and stored headers {:>5.0} B  (beyond body and header bytes {:>5.0} B)",
             f.n,
             b - BODY.len() as f64 - header_bytes,
             b - BODY.len() as f64 - ("content-type".len() + "application/json".len()) as f64,

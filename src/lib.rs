@@ -61,7 +61,7 @@ pub use future::ResponseFuture;
 pub use key::{Fingerprint, IDEMPOTENCY_KEY, KeyError, MAX_KEY_LEN, Scope, StoreKey};
 pub use layer::IdempotencyLayer;
 pub use policy::{Concurrent, DoNotStore, FailureMode, KeyMode};
-pub use record::{Record, StoredResponse};
+pub use record::{Record, StoredHeaders, StoredResponse};
 /// The redis-rs crate this crate's [`RedisStore`] is built on, to make connections and clients
 /// without a version mismatch.
 #[cfg(feature = "redis")]

@@ -1,7 +1,9 @@
 //! The record a store keeps for a completed key.
 
+use std::slice;
+
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::key::Fingerprint;
 
@@ -30,8 +32,85 @@ impl Record {
     }
 }
 
-fn header_bytes(h: &HeaderMap) -> usize {
-    h.iter().map(|(k, v)| k.as_str().len() + v.len() + 32).sum()
+fn header_bytes(h: &StoredHeaders) -> usize {
+    h.iter()
+        .map(|(k, v)| size_of::<(HeaderName, HeaderValue)>() + k.as_str().len() + v.len())
+        .sum()
+}
+
+/// Headers as a record keeps them: name/value pairs in their original order, repeated names
+/// included. A `HeaderMap` keeps spare capacity and an index (over 600 bytes for one header);
+/// a stored record lives for hours, so it keeps only the pairs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoredHeaders(Box<[(HeaderName, HeaderValue)]>);
+
+impl StoredHeaders {
+    /// The pairs, in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&HeaderName, &HeaderValue)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    /// Number of pairs.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there is no pair.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The first value of `name`, if any.
+    pub fn get(&self, name: impl AsRef<str>) -> Option<&HeaderValue> {
+        let name = name.as_ref();
+        self.0
+            .iter()
+            .find(|(k, _)| k.as_str().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// Every value of `name`, in order.
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a HeaderValue> + 'a {
+        self.0
+            .iter()
+            .filter(move |(k, _)| k.as_str().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// The headers as a `HeaderMap`, in the same order.
+    pub fn to_header_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.0.len());
+        for (k, v) in self.0.iter() {
+            map.append(k.clone(), v.clone());
+        }
+        map
+    }
+}
+
+impl<'a> IntoIterator for &'a StoredHeaders {
+    type Item = &'a (HeaderName, HeaderValue);
+    type IntoIter = slice::Iter<'a, (HeaderName, HeaderValue)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl FromIterator<(HeaderName, HeaderValue)> for StoredHeaders {
+    fn from_iter<I: IntoIterator<Item = (HeaderName, HeaderValue)>>(iter: I) -> Self {
+        StoredHeaders(iter.into_iter().collect())
+    }
+}
+
+impl From<&HeaderMap> for StoredHeaders {
+    fn from(map: &HeaderMap) -> Self {
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+impl From<HeaderMap> for StoredHeaders {
+    fn from(map: HeaderMap) -> Self {
+        StoredHeaders::from(&map)
+    }
 }
 
 /// A response as it is replayed: status, headers (already filtered), body and trailers.
@@ -41,9 +120,9 @@ pub struct StoredResponse {
     pub status: StatusCode,
     /// The original headers, without hop-by-hop headers and those configured not to be stored
     /// (`date` and `set-cookie` by default).
-    pub headers: HeaderMap,
+    pub headers: StoredHeaders,
     /// The whole body.
     pub body: Bytes,
     /// Trailers, when the body had any.
-    pub trailers: Option<HeaderMap>,
+    pub trailers: Option<StoredHeaders>,
 }

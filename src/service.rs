@@ -25,7 +25,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use dashmap::{DashMap, mapref::entry::Entry};
 use futures_util::FutureExt;
-use http::{HeaderMap, HeaderValue, Request, Response, header, request, response};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header, request, response};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tokio::{
@@ -41,7 +41,7 @@ use crate::{
     key::{self, Fingerprint, FingerprintHasher, KeyHashBuilder, StoreKey},
     policy::{Concurrent, Config, DoNotStore, FailureMode, KeyMode},
     problem::{Problem, ProblemKind},
-    record::{Record, StoredResponse},
+    record::{Record, StoredHeaders, StoredResponse},
     store::{Claim, ClaimRequest, Store, StoreError, Token},
     tee::{self, Attached, Relay, Tee},
 };
@@ -262,10 +262,10 @@ impl<St: Store> Shared<St> {
     fn replay<B>(&self, response: &StoredResponse) -> Response<ResponseBody<B>> {
         let mut res = Response::new(ResponseBody::full(
             response.body.clone(),
-            response.trailers.clone(),
+            response.trailers.as_ref().map(StoredHeaders::to_header_map),
         ));
         *res.status_mut() = response.status;
-        *res.headers_mut() = response.headers.clone();
+        *res.headers_mut() = response.headers.to_header_map();
         res.headers_mut().insert(
             self.config.replay_header.clone(),
             HeaderValue::from_static("true"),
@@ -281,7 +281,7 @@ impl<St: Store> Shared<St> {
             attached.error,
         ));
         *res.status_mut() = tee.status;
-        *res.headers_mut() = tee.headers.clone();
+        *res.headers_mut() = tee.headers.to_header_map();
         res.headers_mut().insert(
             self.config.replay_header.clone(),
             HeaderValue::from_static("true"),
@@ -344,17 +344,17 @@ impl<St: Store> Shared<St> {
         }
     }
 
-    /// Headers that may be stored and replayed.
-    fn storable_headers(&self, headers: &HeaderMap) -> HeaderMap {
-        // Usually nothing or little is dropped: a clone (two buffer copies) and a few removals
-        // are cheaper than re-inserting every header.
-        let mut out = headers.clone();
-        for name in headers.keys() {
-            if !self.config.keeps_header(name) {
-                out.remove(name);
-            }
-        }
-        out
+    /// Headers that may be stored and replayed, compactly.
+    fn storable_headers(&self, headers: &HeaderMap) -> StoredHeaders {
+        let kept = |(name, _): &(&HeaderName, &HeaderValue)| self.config.keeps_header(name);
+        let mut pairs = Vec::with_capacity(headers.iter().filter(kept).count());
+        pairs.extend(
+            headers
+                .iter()
+                .filter(kept)
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        pairs.into_iter().collect()
     }
 
     fn storable(&self, parts: &response::Parts) -> bool {
@@ -705,7 +705,7 @@ where
                     status: parts.status,
                     headers: shared.storable_headers(&parts.headers),
                     body: data.clone(),
-                    trailers: trailers.clone(),
+                    trailers: trailers.as_ref().map(StoredHeaders::from),
                 };
                 let storable = shared.storable(&parts);
                 let reply = Response::from_parts(parts, ResponseBody::full(data, trailers));
@@ -733,7 +733,7 @@ where
                     status: tee.status,
                     headers: tee.headers.clone(),
                     body,
-                    trailers,
+                    trailers: trailers.map(StoredHeaders::from),
                 });
                 match (ok, storable, stored) {
                     // Streamed and kept whole: replayable like any response.

@@ -23,7 +23,7 @@ use http::{HeaderMap, StatusCode};
 use http_body::Frame;
 use tokio::sync::mpsc;
 
-use crate::BoxError;
+use crate::{BoxError, record::StoredHeaders};
 
 /// Frames relayed to one client.
 pub(crate) type FrameSender = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
@@ -36,7 +36,7 @@ pub(crate) const CHANNEL: usize = 32;
 pub(crate) struct Tee {
     /// Status and replayable headers, for duplicates that attach.
     pub(crate) status: StatusCode,
-    pub(crate) headers: HeaderMap,
+    pub(crate) headers: StoredHeaders,
     limit: usize,
     state: Mutex<State>,
 }
@@ -78,7 +78,7 @@ fn copy(frame: &Frame<Bytes>) -> Frame<Bytes> {
 }
 
 impl Tee {
-    pub(crate) fn new(status: StatusCode, headers: HeaderMap, limit: usize) -> Arc<Self> {
+    pub(crate) fn new(status: StatusCode, headers: StoredHeaders, limit: usize) -> Arc<Self> {
         Arc::new(Tee {
             status,
             headers,

@@ -65,9 +65,9 @@ pub(crate) fn rich_record(fingerprint: Fingerprint) -> Record {
         fingerprint,
         response: Some(StoredResponse {
             status: StatusCode::CREATED,
-            headers,
+            headers: headers.into(),
             body: Bytes::from(body),
-            trailers: Some(trailers),
+            trailers: Some(trailers.into()),
         }),
     }
 }
@@ -131,14 +131,13 @@ pub(crate) async fn complete_then_claim_replays_identical_record<S: Store>(store
             Claim::Completed(got) => {
                 assert_eq!(*got, record);
                 let r = got.response.as_ref().expect("response");
-                let order: Vec<_> = r.headers.get_all("set-thing").iter().collect();
+                let order: Vec<_> = r.headers.get_all("set-thing").collect();
                 assert_eq!(order, ["first", "second", "third"]);
                 let t: Vec<_> = r
                     .trailers
                     .as_ref()
                     .expect("trailers")
                     .get_all("x-digest")
-                    .iter()
                     .collect();
                 assert_eq!(t, ["sha-256=abc", "sha-512=def"]);
             }
