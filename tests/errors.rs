@@ -14,9 +14,9 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
-use tokio::sync::Notify;
-use tower::{ServiceBuilder, ServiceExt, service_fn};
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use tokio::{sync::Notify, task::JoinHandle};
+use tower::{ServiceBuilder, ServiceExt, service_fn, util::BoxCloneService};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, ResponseBody};
 
 fn req(body: &'static str) -> Request<Full<Bytes>> {
     Request::post("/call")
@@ -25,10 +25,26 @@ fn req(body: &'static str) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
-// Current-thread runtime: when the test task runs, every spawned request has been polled as
-// far as it can go, so "entered" means "joined the flight".
-#[tokio::test]
-async fn inner_error_reaches_the_leader_and_waiters_and_is_not_stored() {
+/// How the first attempt ends.
+type Attempt = Result<Response<Full<Bytes>>, io::Error>;
+type Reply = Result<Response<ResponseBody<Full<Bytes>>>, io::Error>;
+type Svc = BoxCloneService<Request<Full<Bytes>>, Response<ResponseBody<Full<Bytes>>>, io::Error>;
+
+/// A layered service whose first attempt is held until `waiters` duplicates have joined it, then
+/// ends as `first` says (given the response "attempt 1"); later attempts answer "attempt n".
+/// Returns the leader's and the waiters' tasks, the service, and the execution counter.
+///
+/// Meant for a current-thread runtime: when the test task runs, every spawned request has been
+/// polled as far as it can go, so "entered" means "joined the flight".
+async fn held_leader(
+    waiters: usize,
+    first: fn(Response<Full<Bytes>>) -> Attempt,
+) -> (
+    JoinHandle<Reply>,
+    Vec<JoinHandle<Reply>>,
+    Svc,
+    Arc<AtomicUsize>,
+) {
     let calls = Arc::new(AtomicUsize::new(0));
     let entered = Arc::new(AtomicUsize::new(0));
     let release = Arc::new(Notify::new());
@@ -43,22 +59,30 @@ async fn inner_error_reaches_the_leader_and_waiters_and_is_not_stored() {
             let n = c.fetch_add(1, Ordering::SeqCst) + 1;
             let r = r.clone();
             async move {
-                if n == 1 {
-                    r.notified().await;
-                    Err(io::Error::other("upstream reset"))
-                } else {
-                    Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                let res = Response::new(Full::new(Bytes::from(format!("attempt {n}"))));
+                if n > 1 {
+                    return Ok(res);
                 }
+                r.notified().await;
+                first(res)
             }
         }));
+    let svc = BoxCloneService::new(svc);
     let leader = tokio::spawn(svc.clone().oneshot(req("a")));
-    let waiters: Vec<_> = (0..50)
+    let joined: Vec<_> = (0..waiters)
         .map(|_| tokio::spawn(svc.clone().oneshot(req("a"))))
         .collect();
-    while entered.load(Ordering::SeqCst) < 51 || calls.load(Ordering::SeqCst) == 0 {
+    while entered.load(Ordering::SeqCst) < waiters + 1 || calls.load(Ordering::SeqCst) == 0 {
         tokio::task::yield_now().await;
     }
     release.notify_one();
+    (leader, joined, svc, calls)
+}
+
+#[tokio::test]
+async fn inner_error_reaches_the_leader_and_waiters_and_is_not_stored() {
+    let (leader, waiters, svc, calls) =
+        held_leader(50, |_| Err(io::Error::other("upstream reset"))).await;
     let err = leader.await.unwrap().unwrap_err();
     assert_eq!(err.to_string(), "upstream reset");
     for w in waiters {
@@ -101,39 +125,13 @@ async fn unreadable_request_body_is_400_and_never_runs() {
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
 
-// Current-thread runtime, as above: "entered" means "joined the flight".
 #[tokio::test]
 async fn waiters_share_an_unstored_5xx_and_a_retry_runs_again() {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let entered = Arc::new(AtomicUsize::new(0));
-    let release = Arc::new(Notify::new());
-    let (c, r, e) = (calls.clone(), release.clone(), entered.clone());
-    let svc = ServiceBuilder::new()
-        .map_request(move |req: Request<Full<Bytes>>| {
-            e.fetch_add(1, Ordering::SeqCst);
-            req
-        })
-        .layer(IdempotencyLayer::new(MemoryStore::new()))
-        .service(service_fn(move |_req: Request<_>| {
-            let n = c.fetch_add(1, Ordering::SeqCst) + 1;
-            let r = r.clone();
-            async move {
-                let mut res = Response::new(Full::new(Bytes::from(format!("attempt {n}"))));
-                if n == 1 {
-                    r.notified().await;
-                    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                }
-                Ok::<_, Infallible>(res)
-            }
-        }));
-    let leader = tokio::spawn(svc.clone().oneshot(req("a")));
-    let waiters: Vec<_> = (0..20)
-        .map(|_| tokio::spawn(svc.clone().oneshot(req("a"))))
-        .collect();
-    while entered.load(Ordering::SeqCst) < 21 || calls.load(Ordering::SeqCst) == 0 {
-        tokio::task::yield_now().await;
-    }
-    release.notify_one();
+    let (leader, waiters, svc, calls) = held_leader(20, |mut res| {
+        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        Ok(res)
+    })
+    .await;
     let res = leader.await.unwrap().unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(!res.headers().contains_key("idempotent-replayed"));

@@ -92,6 +92,36 @@ where
     (counter, format!("http://{addr}/r"))
 }
 
+/// Serves `layer` with the handler held behind a closed gate, sends the first `POST` with
+/// `key` and `body`, and returns once the handler runs: the gate, the app, the URL and the
+/// first request's task.
+async fn hold_first(
+    layer: IdempotencyLayer<MemoryStore>,
+    key: &'static str,
+    body: &'static str,
+) -> (
+    Gate,
+    App,
+    String,
+    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+) {
+    let gate = Gate::default();
+    let app = App {
+        gate: Some(gate.clone()),
+        ..app()
+    };
+    let url = start(layer, &app).await;
+    let first = tokio::spawn(
+        client()
+            .post(&url)
+            .header("idempotency-key", key)
+            .body(body)
+            .send(),
+    );
+    assert!(eventually(Duration::from_secs(10), || app.started.get() == 1).await);
+    (gate, app, url, first)
+}
+
 async fn start(layer: IdempotencyLayer<MemoryStore>, app: &App) -> String {
     let addr = serve(router(layer, app.clone())).await;
     format!("http://{addr}/pay")
@@ -251,21 +281,9 @@ async fn key_reused_with_another_body_is_422() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_reused_while_in_flight_is_422() {
-    let gate = Gate::default();
-    let app = App {
-        gate: Some(gate.clone()),
-        ..app()
-    };
-    let url = start(IdempotencyLayer::new(MemoryStore::new()), &app).await;
+    let (gate, app, url, first) =
+        hold_first(IdempotencyLayer::new(MemoryStore::new()), "k", "a").await;
     let client = client();
-    let first = tokio::spawn(
-        client
-            .post(&url)
-            .header("idempotency-key", "k")
-            .body("a")
-            .send(),
-    );
-    assert!(eventually(Duration::from_secs(10), || app.started.get() == 1).await);
     let res = client
         .post(&url)
         .header("idempotency-key", "k")
@@ -281,22 +299,9 @@ async fn key_reused_while_in_flight_is_422() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_wait_exceeded_is_409_with_retry_after() {
-    let gate = Gate::default();
-    let app = App {
-        gate: Some(gate.clone()),
-        ..app()
-    };
     let layer = IdempotencyLayer::new(MemoryStore::new()).max_wait(Duration::from_millis(200));
-    let url = start(layer, &app).await;
+    let (gate, app, url, first) = hold_first(layer, "slow", "a").await;
     let client = client();
-    let first = tokio::spawn(
-        client
-            .post(&url)
-            .header("idempotency-key", "slow")
-            .body("a")
-            .send(),
-    );
-    assert!(eventually(Duration::from_secs(10), || app.started.get() == 1).await);
     let res = client
         .post(&url)
         .header("idempotency-key", "slow")
@@ -325,25 +330,12 @@ async fn max_wait_exceeded_is_409_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reject_is_409_at_once() {
-    let gate = Gate::default();
-    let app = App {
-        gate: Some(gate.clone()),
-        ..app()
-    };
     // A wait long enough that a waiting duplicate would outlive the timeout below.
     let layer = IdempotencyLayer::new(MemoryStore::new())
         .concurrent(Concurrent::Reject)
         .max_wait(Duration::from_secs(600));
-    let url = start(layer, &app).await;
+    let (gate, app, url, first) = hold_first(layer, "strict", "a").await;
     let client = client();
-    let first = tokio::spawn(
-        client
-            .post(&url)
-            .header("idempotency-key", "strict")
-            .body("a")
-            .send(),
-    );
-    assert!(eventually(Duration::from_secs(10), || app.started.get() == 1).await);
     let dup = client
         .post(&url)
         .header("idempotency-key", "strict")
