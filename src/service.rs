@@ -125,11 +125,17 @@ struct FlightGuard {
 }
 
 impl FlightGuard {
+    /// Takes the flight out of the table: later arrivals go to the store. Waiters that joined
+    /// keep waiting for [`publish`](Self::publish).
+    fn leave(&self) {
+        self.flights
+            .remove_if(&self.key, |_, f| Arc::ptr_eq(f, &self.flight));
+    }
+
     fn publish(&mut self, outcome: Outcome) {
         self.done = true;
         // Leave the table first, so a waiter that starts over never finds this flight again.
-        self.flights
-            .remove_if(&self.key, |_, f| Arc::ptr_eq(f, &self.flight));
+        self.leave();
         let _ = self.flight.outcome.set(outcome);
         self.flight.notify.notify_waiters();
     }
@@ -768,7 +774,10 @@ where
                 )
             }
         };
-        // The leader's own client first: it should not wait for the store write.
+        // The leader's own client first: it should not wait for the store write. The flight
+        // leaves the table before, so a retry sent on receiving this response never joins it:
+        // it goes to the store, which holds the claim until the outcome is written.
+        self.guard.leave();
         if let (Some(tx), Some(reply)) = (tx.take(), reply) {
             let _ = tx.send(reply);
         }

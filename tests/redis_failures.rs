@@ -341,6 +341,16 @@ async fn malformed_value_is_a_store_error() {
         .await
         .expect("connect");
     let (name, key) = only_key(&mut conn, prefix).await;
+    // The leader's client is answered before the record is written: wait for the write.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let record: Option<Vec<u8>> = conn.hget(&name, "r").await.expect("HGET");
+        if record.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the record was never written");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let req = ClaimRequest {
         fingerprint: tower_idempotency::Fingerprint([1; 32]),
         lease: Duration::from_secs(10),
