@@ -121,15 +121,19 @@ struct FlightGuard {
     flights: Arc<Flights>,
     key: StoreKey,
     flight: Arc<Flight>,
+    left: bool,
     done: bool,
 }
 
 impl FlightGuard {
     /// Takes the flight out of the table: later arrivals go to the store. Waiters that joined
     /// keep waiting for [`publish`](Self::publish).
-    fn leave(&self) {
-        self.flights
-            .remove_if(&self.key, |_, f| Arc::ptr_eq(f, &self.flight));
+    fn leave(&mut self) {
+        if !self.left {
+            self.left = true;
+            self.flights
+                .remove_if(&self.key, |_, f| Arc::ptr_eq(f, &self.flight));
+        }
     }
 
     fn publish(&mut self, outcome: Outcome) {
@@ -496,6 +500,7 @@ where
                         flights: shared.flights.clone(),
                         key,
                         flight,
+                        left: false,
                         done: false,
                     },
                     inner,
