@@ -55,8 +55,9 @@ pub enum ProblemKind {
     /// 500 + `Retry-After`: the first attempt failed (inner error or panic) and was not stored;
     /// a retry runs again.
     LeaderFailed,
-    /// 500: the holder of this key stopped without an outcome and re-running is not allowed
-    /// (`Reclaim::Never`).
+    /// 409 (no `Retry-After`): the holder of this key stopped without an outcome and
+    /// re-running is not allowed (`Reclaim::Never`). Not a 5xx, so that clients which retry
+    /// server errors do not retry what will never run again.
     OutcomeUnknown,
     /// 503 + `Retry-After`: the store is unavailable (`FailureMode::Closed`).
     StoreUnavailable,
@@ -71,10 +72,10 @@ impl ProblemKind {
             }
             ProblemKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProblemKind::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
-            ProblemKind::InFlight | ProblemKind::NotReplayable => StatusCode::CONFLICT,
-            ProblemKind::LeaderFailed | ProblemKind::OutcomeUnknown => {
-                StatusCode::INTERNAL_SERVER_ERROR
+            ProblemKind::InFlight | ProblemKind::NotReplayable | ProblemKind::OutcomeUnknown => {
+                StatusCode::CONFLICT
             }
+            ProblemKind::LeaderFailed => StatusCode::INTERNAL_SERVER_ERROR,
             ProblemKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

@@ -89,7 +89,9 @@ async fn with_reclaim_never_the_outcome_is_unknown() {
     crash_holding(&store).await;
     let runs = Counter::default();
     let res = duplicate(&store, Reclaim::Never, &runs).await;
-    let body = assert_problem(res, 500, "outcome-unknown").await;
+    // No Retry-After: a client that retries 409 only after one does not retry this.
+    assert!(res.headers().get("retry-after").is_none());
+    let body = assert_problem(res, 409, "outcome-unknown").await;
     assert!(body.contains("does not run it again"), "{body}");
     assert_eq!(runs.get(), 0);
 }
