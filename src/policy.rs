@@ -71,15 +71,12 @@ pub fn default_store_if(parts: &response::Parts) -> bool {
 
 /// The default streaming rule: `content-type: text/event-stream`.
 pub fn default_is_stream(parts: &response::Parts) -> bool {
-    parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
-        })
+    parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        // Checked on every executed response: compare in place, no lowercased copy.
+        const SSE: &[u8] = b"text/event-stream";
+        let v = v.as_bytes().trim_ascii_start();
+        v.len() >= SSE.len() && v[..SSE.len()].eq_ignore_ascii_case(SSE)
+    })
 }
 
 /// Response headers never stored, whatever the configuration: hop-by-hop headers.
@@ -147,5 +144,29 @@ impl fmt::Debug for Config {
             .field("replay_header", &self.replay_header)
             .field("strip_headers", &self.strip_headers)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{HeaderValue, Response, header};
+
+    use super::default_is_stream;
+
+    #[test]
+    fn event_stream_is_recognised_in_any_case_with_parameters() {
+        let parts = |ct: &'static str| {
+            let mut res = Response::new(());
+            res.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            res.into_parts().0
+        };
+        assert!(default_is_stream(&parts("text/event-stream")));
+        assert!(default_is_stream(&parts(
+            " Text/Event-Stream; charset=utf-8"
+        )));
+        assert!(!default_is_stream(&parts("text/event")));
+        assert!(!default_is_stream(&parts("application/json")));
+        assert!(!default_is_stream(&Response::new(()).into_parts().0));
     }
 }

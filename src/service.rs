@@ -25,7 +25,9 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use dashmap::{DashMap, mapref::entry::Entry};
 use futures_util::FutureExt;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header, request, response};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header, request, response,
+};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tokio::{
@@ -269,13 +271,17 @@ impl<St: Store> Shared<St> {
             .map(|b| ResponseBody::full(b, None))
     }
 
-    fn replay<B>(&self, response: &StoredResponse) -> Response<ResponseBody<B>> {
-        let mut res = Response::new(ResponseBody::full(
-            response.body.clone(),
-            response.trailers.as_ref().map(StoredHeaders::to_header_map),
-        ));
-        *res.status_mut() = response.status;
-        *res.headers_mut() = response.headers.to_header_map();
+    /// A response this request did not produce itself: the stored (or relayed) head, `body`,
+    /// and the replay header.
+    fn replayed<B>(
+        &self,
+        status: StatusCode,
+        headers: &StoredHeaders,
+        body: ResponseBody<B>,
+    ) -> Response<ResponseBody<B>> {
+        let mut res = Response::new(body);
+        *res.status_mut() = status;
+        *res.headers_mut() = headers.to_header_map();
         res.headers_mut().insert(
             self.config.replay_header.clone(),
             HeaderValue::from_static("true"),
@@ -283,20 +289,16 @@ impl<St: Store> Shared<St> {
         res
     }
 
+    fn replay<B>(&self, response: &StoredResponse) -> Response<ResponseBody<B>> {
+        let trailers = response.trailers.as_ref().map(StoredHeaders::to_header_map);
+        let body = ResponseBody::full(response.body.clone(), trailers);
+        self.replayed(response.status, &response.headers, body)
+    }
+
     /// The answer of a duplicate that attached to a streaming response.
     fn attached<B>(&self, tee: &Tee, attached: Attached) -> Response<ResponseBody<B>> {
-        let mut res = Response::new(ResponseBody::channel(
-            attached.prefix,
-            attached.live,
-            attached.error,
-        ));
-        *res.status_mut() = tee.status;
-        *res.headers_mut() = tee.headers.to_header_map();
-        res.headers_mut().insert(
-            self.config.replay_header.clone(),
-            HeaderValue::from_static("true"),
-        );
-        res
+        let body = ResponseBody::channel(attached.prefix, attached.live, attached.error);
+        self.replayed(tee.status, &tee.headers, body)
     }
 
     /// The answer of a duplicate that shares `outcome`.
