@@ -21,7 +21,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use criterion::Criterion;
 use dashmap::DashMap;
 use http::{Request, StatusCode};
 use http_body_util::Full;
@@ -97,15 +96,8 @@ fn layered() -> IdempotencyService<Handler, MemoryStore> {
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .sample_size(20)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let mut c = support::criterion(20, Duration::from_millis(500), Duration::from_secs(3));
+    let rt = support::current_thread();
     let mut report = Vec::new();
     let mut seq = 0u64;
 

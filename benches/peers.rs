@@ -51,7 +51,6 @@ use axum::{
     routing,
 };
 use axum_idempotent::{IdempotentLayer, IdempotentOptions};
-use criterion::Criterion;
 use ruts::{CookieOptions, Session, SessionLayer, store::Ttl, store::moka::MokaStore};
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceExt, layer::util::Identity};
@@ -384,15 +383,8 @@ fn concurrent_runs(make: fn(App) -> Router, with_session: bool, rounds: u64) -> 
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .sample_size(20)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let mut c = support::criterion(20, Duration::from_millis(500), Duration::from_secs(3));
+    let rt = support::current_thread();
     let body = Bytes::from((0..1024).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
     sanity(&rt, &body);
     let mut report: Vec<(&str, Vec<f64>)> = Vec::new();

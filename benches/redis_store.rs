@@ -21,7 +21,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use criterion::Criterion;
 use http::{Request, Response};
 use http_body_util::Full;
 use tower::{Layer, Service, ServiceExt};
@@ -126,15 +125,8 @@ fn redis_url() -> (String, Option<OwnRedis>) {
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(5))
-        .configure_from_args();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let mut c = support::criterion(10, Duration::from_millis(500), Duration::from_secs(5));
+    let rt = support::current_thread();
     let (url, _own) = redis_url();
     let redis = rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -42,11 +42,13 @@ use std::{
 };
 
 use bytes::Bytes;
-use criterion::Criterion;
 use dashmap::DashMap;
 use http::{HeaderMap, HeaderValue, StatusCode, header::CONTENT_TYPE};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
+#[path = "support/mod.rs"]
+mod support;
+
 use tower_idempotency::{
     Fingerprint, MemoryStore, Record, StoreKey, StoredHeaders, StoredResponse,
     store::{Claim, ClaimRequest, Reclaim, Store, Token},
@@ -342,15 +344,8 @@ fn header_map_bytes() -> f64 {
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .sample_size(20)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(3))
-        .configure_from_args();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let mut c = support::criterion(20, Duration::from_millis(300), Duration::from_secs(3));
+    let rt = support::current_thread();
 
     let header_bytes = header_map_bytes();
     let mut fixtures: Vec<Fixture> = SIZES

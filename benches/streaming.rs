@@ -18,7 +18,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use criterion::Criterion;
 use http::{Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -152,15 +151,8 @@ fn report(what: &str, totals: &Totals, tb: &RefCell<Duration>, tl: &RefCell<Dura
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(5))
-        .configure_from_args();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let mut c = support::criterion(10, Duration::from_millis(500), Duration::from_secs(5));
+    let rt = support::current_thread();
     let data = Bytes::from(vec![b'x'; FRAME * FRAMES]);
     let gen_ = Generator(data);
     let (tb, tl) = (

@@ -10,6 +10,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use criterion::Criterion;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tokio::runtime::Runtime;
@@ -37,6 +38,24 @@ impl<B> Service<Request<B>> for Handler {
         );
         ready(Ok(res))
     }
+}
+
+/// Criterion with `samples` samples of `measure` each, after `warm_up`; command-line flags
+/// (filters, `--profile-time`) still apply.
+pub(crate) fn criterion(samples: usize, warm_up: Duration, measure: Duration) -> Criterion {
+    Criterion::default()
+        .sample_size(samples)
+        .warm_up_time(warm_up)
+        .measurement_time(measure)
+        .configure_from_args()
+}
+
+/// A current-thread runtime: the layer's spawned work runs on the measuring thread.
+pub(crate) fn current_thread() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 /// Requests per chunk; the order of variants rotates every chunk.
