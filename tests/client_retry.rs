@@ -3,7 +3,10 @@
 
 mod client_support;
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use axum::{
     Router,
@@ -143,11 +146,8 @@ async fn scripted(State(s): State<Script>, Path(_): Path<String>) -> Response {
     res
 }
 
-/// Runs one POST against a scripted server; returns (final status, attempts, elapsed).
-async fn run_script(
-    lines: &'static [(u16, Option<&'static str>)],
-    policy: RetryPolicy,
-) -> (StatusCode, usize, Duration) {
+/// Serves `lines` at `/{name}`; returns the script (for its attempt counter) and the address.
+async fn serve_script(lines: &'static [(u16, Option<&'static str>)]) -> (Script, SocketAddr) {
     let s = Script {
         attempts: Counter::default(),
         lines,
@@ -158,6 +158,15 @@ async fn run_script(
             .with_state(s.clone()),
     )
     .await;
+    (s, addr)
+}
+
+/// Runs one POST against a scripted server; returns (final status, attempts, elapsed).
+async fn run_script(
+    lines: &'static [(u16, Option<&'static str>)],
+    policy: RetryPolicy,
+) -> (StatusCode, usize, Duration) {
+    let (s, addr) = serve_script(lines).await;
     let req = reqwest::Client::new()
         .post(format!("http://{addr}/x"))
         .body("{}")
@@ -270,16 +279,7 @@ async fn dropped_connections_are_retried_and_bounded() {
 async fn a_post_without_key_is_not_retried() {
     // The key layer inside the retry layer is the mistake this guards against: the retry
     // layer keeps the request as it was before the key was added.
-    let s = Script {
-        attempts: Counter::default(),
-        lines: &[(503, None), (200, None)],
-    };
-    let addr = serve(
-        Router::new()
-            .route("/{name}", any(scripted))
-            .with_state(s.clone()),
-    )
-    .await;
+    let (s, addr) = serve_script(&[(503, None), (200, None)]).await;
     let req = reqwest::Client::new()
         .post(format!("http://{addr}/x"))
         .body("{}")
@@ -311,16 +311,7 @@ async fn a_post_without_key_is_not_retried() {
 
 #[tokio::test]
 async fn a_streaming_body_is_sent_once() {
-    let s = Script {
-        attempts: Counter::default(),
-        lines: &[(503, None), (200, None)],
-    };
-    let addr = serve(
-        Router::new()
-            .route("/{name}", any(scripted))
-            .with_state(s.clone()),
-    )
-    .await;
+    let (s, addr) = serve_script(&[(503, None), (200, None)]).await;
     let stream = futures_util::stream::iter([Ok::<_, std::io::Error>("{}")]);
     let req = reqwest::Client::new()
         .post(format!("http://{addr}/x"))
