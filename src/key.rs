@@ -339,9 +339,11 @@ impl FingerprintHasher {
         self.hasher.update(chunk);
     }
 
-    pub(crate) fn finish(mut self) -> Fingerprint {
+    /// The fingerprint; the hasher is reset.
+    pub(crate) fn finish(&mut self) -> Fingerprint {
         self.hasher.update(self.body_len.to_be_bytes());
-        Fingerprint(self.hasher.finalize().into())
+        self.body_len = 0;
+        Fingerprint(self.hasher.finalize_reset().into())
     }
 }
 

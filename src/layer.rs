@@ -37,7 +37,7 @@ use crate::{
 pub struct IdempotencyLayer<St> {
     /// Built once; `layer()` only clones the `Arc` (axum may call it per request for routers
     /// that were not finalized with `with_state`).
-    shared: Arc<Shared<St>>,
+    pub(crate) shared: Arc<Shared<St>>,
 }
 
 impl<St> Clone for IdempotencyLayer<St> {

@@ -79,7 +79,13 @@ impl StoredHeaders {
 
     /// The headers as a `HeaderMap`, in the same order.
     pub fn to_header_map(&self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.0.len());
+        self.to_header_map_with_room(0)
+    }
+
+    /// [`to_header_map`](Self::to_header_map) with room for `extra` more headers, so that
+    /// adding them does not grow (reallocate and rehash) the map.
+    pub(crate) fn to_header_map_with_room(&self, extra: usize) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.0.len() + extra);
         for (k, v) in self.0.iter() {
             map.append(k.clone(), v.clone());
         }

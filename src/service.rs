@@ -25,9 +25,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use dashmap::{DashMap, mapref::entry::Entry};
 use futures_util::FutureExt;
-use http::{
-    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header, request, response,
-};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header, response};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tokio::{
@@ -246,10 +244,20 @@ where
         // The readied service goes with this request; `self` keeps a fresh clone.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let shared = self.shared.clone();
-        ResponseFuture::covered(Box::pin(covered(
-            shared, inner, parts, body, hasher, client_key,
-        )))
+        // Everything the request needs from here on, boxed once: the futures along the way
+        // carry a pointer, not the request (a future keeps its captured arguments for good).
+        let job = Box::new(Job {
+            key: StoreKey([0; 32]),
+            fingerprint: Fingerprint([0; 32]),
+            ttl: Duration::ZERO,
+            deadline: None,
+            token: None,
+            hasher,
+            guard: None,
+            inner,
+            req: Some(Request::from_parts(parts, RequestBody::inner(body))),
+        });
+        ResponseFuture::covered(Box::pin(covered(self.shared.clone(), job, client_key)))
     }
 }
 
@@ -281,7 +289,7 @@ impl<St: Store> Shared<St> {
     ) -> Response<ResponseBody<B>> {
         let mut res = Response::new(body);
         *res.status_mut() = status;
-        *res.headers_mut() = headers.to_header_map();
+        *res.headers_mut() = headers.to_header_map_with_room(1);
         res.headers_mut().insert(
             self.config.replay_header.clone(),
             HeaderValue::from_static("true"),
@@ -443,10 +451,7 @@ async fn read_body<B: Body<Data = Bytes>>(
 #[allow(clippy::manual_async_fn)] // deliberate: see above
 fn covered<S, St, ReqBody, ResBody>(
     shared: Arc<Shared<St>>,
-    inner: S,
-    parts: request::Parts,
-    body: ReqBody,
-    mut hasher: FingerprintHasher,
+    mut job: Box<Job<S, ReqBody>>,
     client_key: Option<StoreKey>,
 ) -> impl Future<Output = LeaderResult<ResBody, S::Error>> + Send
 where
@@ -462,17 +467,27 @@ where
         let config = &shared.config;
         // `max_wait` counts from the first wait (set then: a clock read leaders never pay).
         let mut deadline: Option<Instant> = None;
-        let chunks = match read_body(body, config.max_body, &mut hasher).await {
-            Ok(read) => read,
-            Err(kind) => return Ok(shared.problem(kind)),
-        };
-        let fingerprint = hasher.finish();
+        {
+            let Job { req, hasher, .. } = &mut *job;
+            let Some(req) = req.as_mut() else {
+                // Unreachable: a job is built with its request.
+                return Ok(shared.problem(ProblemKind::LeaderFailed));
+            };
+            let body = std::mem::replace(req.body_mut(), RequestBody::buffered(Chunks::default()));
+            match read_body(body, config.max_body, hasher).await {
+                Ok(chunks) => *req.body_mut() = RequestBody::buffered(chunks),
+                Err(kind) => return Ok(shared.problem(kind)),
+            }
+        }
+        let fingerprint = job.hasher.finish();
         let (key, ttl) = match client_key {
             Some(k) => (k, config.client_key_ttl),
             None => (StoreKey(fingerprint.0), config.derived_key_ttl),
         };
-        let mut req = Some(Request::from_parts(parts, RequestBody::buffered(chunks)));
-        let mut inner = Some(inner);
+        job.key = key;
+        job.fingerprint = fingerprint;
+        job.ttl = ttl;
+        let mut job = Some(job);
         loop {
             let (flight, leads) = match shared.flights.entry(key) {
                 Entry::Occupied(o) => (o.get().clone(), false),
@@ -488,25 +503,17 @@ where
                 }
             };
             if leads {
-                let (Some(inner), Some(req)) = (inner.take(), req.take()) else {
+                let Some(mut job) = job.take() else {
                     // Unreachable: only the last iteration leads. Answer rather than panic.
                     return Ok(shared.problem(ProblemKind::LeaderFailed));
                 };
-                let job = Box::new(Job {
+                job.deadline = deadline;
+                job.guard = Some(FlightGuard {
+                    flights: shared.flights.clone(),
                     key,
-                    fingerprint,
-                    ttl,
-                    deadline,
-                    token: None,
-                    guard: FlightGuard {
-                        flights: shared.flights.clone(),
-                        key,
-                        flight,
-                        left: false,
-                        done: false,
-                    },
-                    inner,
-                    req: Some(req),
+                    flight,
+                    left: false,
+                    done: false,
                 });
                 return job.lead(shared).await;
             }
@@ -534,9 +541,10 @@ where
     }
 }
 
-/// The local leader of a key and everything its execution needs, boxed once so that the
-/// futures along the way carry a pointer rather than the request.
+/// A covered request and everything its execution needs, boxed once so that the futures
+/// along the way carry a pointer rather than the request.
 struct Job<S, ReqBody> {
+    /// The stored key and fingerprint, and the record's TTL, once the body is read.
     key: StoreKey,
     fingerprint: Fingerprint,
     ttl: Duration,
@@ -544,9 +552,19 @@ struct Job<S, ReqBody> {
     deadline: Option<Instant>,
     /// The store claim, once acquired (`None` also when running unprotected, fail-open).
     token: Option<Token>,
-    guard: FlightGuard,
+    hasher: FingerprintHasher,
+    /// Set when this request becomes the local leader of its key.
+    guard: Option<FlightGuard>,
     inner: S,
     req: Option<Request<RequestBody<ReqBody>>>,
+}
+
+impl<S, ReqBody> Job<S, ReqBody> {
+    fn publish(&mut self, outcome: Outcome) {
+        if let Some(guard) = self.guard.as_mut() {
+            guard.publish(outcome);
+        }
+    }
 }
 
 /// How the inner call ended, when it did not fail.
@@ -608,7 +626,7 @@ where
                 Claim::Completed(record) if record.fingerprint == self.fingerprint => {
                     let outcome = Outcome::Stored(record);
                     let res = shared.answer(&outcome);
-                    self.guard.publish(outcome);
+                    self.publish(outcome);
                     return Ok(res);
                 }
                 Claim::Completed(_) => break ProblemKind::FingerprintMismatch,
@@ -637,7 +655,7 @@ where
                 }
             }
         };
-        self.guard.publish(Outcome::Problem(kind));
+        self.publish(Outcome::Problem(kind));
         Ok(shared.problem(kind))
     }
 
@@ -649,8 +667,7 @@ where
         match shared.config.failure_mode {
             FailureMode::Closed => {
                 tracing::warn!(key = %self.key, %error, "idempotency store failed; answering 503 (fail closed)");
-                self.guard
-                    .publish(Outcome::Problem(ProblemKind::StoreUnavailable));
+                self.publish(Outcome::Problem(ProblemKind::StoreUnavailable));
                 Ok(shared.problem(ProblemKind::StoreUnavailable))
             }
             FailureMode::Open => {
@@ -691,24 +708,77 @@ where
     ) {
         let mut tx = Some(tx);
         let mut relay: Option<Relay> = None;
-        let Some(req) = self.req.take() else {
-            // Unreachable: a job runs once. The guard answers the waiters.
-            return;
-        };
         let (key, token) = (self.key, self.token);
-        let inner = &mut self.inner;
-        let result = {
-            let work = pin!(async {
-                let res = inner.call(req).await?;
-                Ok(deliver(&shared, &self.guard.flight, res, &mut tx, &mut relay).await)
-            });
-            AssertUnwindSafe(heartbeat(&shared, key, token, work))
-                .catch_unwind()
-                .await
+        let flight = self.guard.as_ref().map(|g| &*g.flight);
+        // Scoped so that nothing from the execution is kept across the store write.
+        let (record, outcome) = {
+            let (panicked, (record, outcome, reply)) = {
+                let result = 'result: {
+                    // The request goes to the inner service here, in a scope that ends before any
+                    // `.await`: the work holds the inner future, and this future does not keep the
+                    // request (or a second copy of the inner future) beside it.
+                    let work = {
+                        let Some(req) = self.req.take() else {
+                            // Unreachable: a job runs once. The guard answers the waiters.
+                            return;
+                        };
+                        let call = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            self.inner.call(req)
+                        })) {
+                            Ok(call) => call,
+                            Err(panic) => break 'result Err(panic),
+                        };
+                        async {
+                            // Scoped: the response is not kept beside the delivery that holds it.
+                            let delivery = {
+                                let res = call.await?;
+                                deliver(&shared, flight, res, &mut tx, &mut relay)
+                            };
+                            delivery.await
+                        }
+                    };
+                    AssertUnwindSafe(heartbeat(&shared, key, token, pin!(work)))
+                        .catch_unwind()
+                        .await
+                };
+                (result.is_err(), self.conclude(&shared, result))
+            };
+            if panicked {
+                tracing::error!(%key, "inner service panicked while handling an idempotent request");
+            }
+            // The leader's own client first: it should not wait for the store write. The flight
+            // leaves the table before, so a retry sent on receiving this response never joins
+            // it: it goes to the store, which holds the claim until the outcome is written.
+            if let Some(guard) = self.guard.as_mut() {
+                guard.leave();
+            }
+            if let (Some(tx), Some(reply)) = (tx.take(), reply) {
+                let _ = tx.send(reply);
+            }
+            // A panic mid-stream: the clients reading the stream see it end in an error. (Their
+            // response went already, so the reply above was not sent.)
+            if panicked && let Some(relay) = relay.take() {
+                Box::pin(relay.finish(Some("inner service panicked".into()))).await;
+            }
+            (record, outcome)
         };
+        shared.settle(key, token, record, self.ttl).await;
+        self.publish(outcome);
+    }
 
-        let (record, outcome, reply): (_, _, Option<LeaderResult<ResBody, S::Error>>) = match result
-        {
+    /// What an execution's end means: the record to store, the outcome for the waiters, and
+    /// the reply for the leader's own client (none when a streaming reply already went).
+    #[allow(clippy::type_complexity)]
+    fn conclude<St: Store>(
+        &self,
+        shared: &Shared<St>,
+        result: std::thread::Result<Result<Done, S::Error>>,
+    ) -> (
+        Option<Arc<Record>>,
+        Outcome,
+        Option<LeaderResult<ResBody, S::Error>>,
+    ) {
+        match result {
             Ok(Ok(Done::Buffered {
                 parts,
                 data,
@@ -768,28 +838,12 @@ where
                 Outcome::Problem(ProblemKind::LeaderFailed),
                 Some(Err(error)),
             ),
-            Err(_panic) => {
-                tracing::error!(%key, "inner service panicked while handling an idempotent request");
-                if let Some(relay) = relay.take() {
-                    Box::pin(relay.finish(Some("inner service panicked".into()))).await;
-                }
-                let problem = shared.problem(ProblemKind::LeaderFailed);
-                (
-                    None,
-                    Outcome::Problem(ProblemKind::LeaderFailed),
-                    Some(Ok(problem)),
-                )
-            }
-        };
-        // The leader's own client first: it should not wait for the store write. The flight
-        // leaves the table before, so a retry sent on receiving this response never joins it:
-        // it goes to the store, which holds the claim until the outcome is written.
-        self.guard.leave();
-        if let (Some(tx), Some(reply)) = (tx.take(), reply) {
-            let _ = tx.send(reply);
+            Err(_panic) => (
+                None,
+                Outcome::Problem(ProblemKind::LeaderFailed),
+                Some(Ok(shared.problem(ProblemKind::LeaderFailed))),
+            ),
         }
-        shared.settle(key, token, record, self.ttl).await;
-        self.guard.publish(outcome);
     }
 }
 
@@ -832,68 +886,75 @@ async fn heartbeat<St: Store, W: Future>(
 
 /// Reads the response body: whole when it fits the stored-response limit, else forwarded to
 /// the leader's client as it streams (and read to the end even if that client left).
-async fn deliver<St: Store, ResBody, E>(
+///
+/// A plain `fn` that splits the response before its `async` block: the block captures the head
+/// and the body, not a whole response beside them.
+fn deliver<St: Store, ResBody, E>(
     shared: &Shared<St>,
-    flight: &Flight,
+    flight: Option<&Flight>,
     res: Response<ResBody>,
     tx: &mut Option<oneshot::Sender<LeaderResult<ResBody, E>>>,
     relay: &mut Option<Relay>,
-) -> Done
+) -> impl Future<Output = Result<Done, E>>
 where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let config = &shared.config;
-    let limit = config.max_stored_response;
     let (parts, body) = res.into_parts();
-    let mut body = pin!(body);
-    let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
-    let mut failed: Option<BoxError> = None;
-    if !(config.is_stream)(&parts) && body.size_hint().lower() <= limit as u64 {
-        let mut len = 0usize;
-        let mut trailers = None;
-        loop {
-            match next_frame(body.as_mut()).await {
-                None => {
-                    return Done::Buffered {
-                        parts,
-                        data: concat(frames),
-                        trailers,
-                    };
-                }
-                Some(Ok(frame)) => {
-                    if let Some(d) = frame.data_ref() {
-                        len += d.len();
-                    } else if let Some(t) = frame.trailers_ref() {
-                        trailers = Some(t.clone());
+    async move {
+        let config = &shared.config;
+        let limit = config.max_stored_response;
+        let mut body = pin!(body);
+        let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
+        let mut failed: Option<BoxError> = None;
+        if !(config.is_stream)(&parts) && body.size_hint().lower() <= limit as u64 {
+            let mut len = 0usize;
+            let mut trailers = None;
+            loop {
+                match next_frame(body.as_mut()).await {
+                    None => {
+                        return Ok(Done::Buffered {
+                            parts,
+                            data: concat(frames),
+                            trailers,
+                        });
                     }
-                    frames.push_back(frame);
-                    if len > limit {
+                    Some(Ok(frame)) => {
+                        if let Some(d) = frame.data_ref() {
+                            len += d.len();
+                        } else if let Some(t) = frame.trailers_ref() {
+                            trailers = Some(t.clone());
+                        }
+                        frames.push_back(frame);
+                        if len > limit {
+                            break;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        failed = Some(e);
                         break;
                     }
                 }
-                Some(Err(e)) => {
-                    failed = Some(e);
-                    break;
-                }
             }
         }
-    }
-    let storable = shared.storable(&parts);
-    let tee = Tee::new(parts.status, shared.storable_headers(&parts.headers), limit);
-    let (leader_tx, leader_rx) = mpsc::channel(tee::CHANNEL);
-    *relay = Some(Relay::new(tee.clone(), leader_tx));
-    flight.streaming(tee.clone());
-    if let Some(tx) = tx.take() {
-        let body = ResponseBody::channel(VecDeque::new(), Some(leader_rx), None);
-        let _ = tx.send(Ok(Response::from_parts(parts, body)));
-    }
-    let (ok, recorded) = Box::pin(pump(body, frames, failed, relay)).await;
-    Done::Streamed {
-        storable,
-        ok,
-        tee,
-        recorded,
+        let storable = shared.storable(&parts);
+        let tee = Tee::new(parts.status, shared.storable_headers(&parts.headers), limit);
+        let (leader_tx, leader_rx) = mpsc::channel(tee::CHANNEL);
+        *relay = Some(Relay::new(tee.clone(), leader_tx));
+        if let Some(flight) = flight {
+            flight.streaming(tee.clone());
+        }
+        if let Some(tx) = tx.take() {
+            let body = ResponseBody::channel(VecDeque::new(), Some(leader_rx), None);
+            let _ = tx.send(Ok(Response::from_parts(parts, body)));
+        }
+        let (ok, recorded) = Box::pin(pump(body, frames, failed, relay)).await;
+        Ok(Done::Streamed {
+            storable,
+            ok,
+            tee,
+            recorded,
+        })
     }
 }
 
@@ -961,4 +1022,80 @@ fn concat(mut frames: VecDeque<Frame<Bytes>>) -> Bytes {
         }
     }
     out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{convert::Infallible, future::Ready};
+
+    use http_body_util::Full;
+
+    use super::*;
+    use crate::{IdempotencyLayer, MemoryStore};
+
+    #[derive(Clone)]
+    struct Handler;
+
+    impl Service<Request<RequestBody<Full<Bytes>>>> for Handler {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = Ready<Result<Self::Response, Infallible>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: Request<RequestBody<Full<Bytes>>>) -> Self::Future {
+            std::future::ready(Ok(Response::new(Full::new(Bytes::new()))))
+        }
+    }
+
+    fn job(shared: &Shared<MemoryStore>) -> Box<Job<Handler, Full<Bytes>>> {
+        let (parts, body) = Request::post("/")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+            .into_parts();
+        Box::new(Job {
+            key: StoreKey([0; 32]),
+            fingerprint: Fingerprint([0; 32]),
+            ttl: Duration::ZERO,
+            deadline: None,
+            token: None,
+            hasher: FingerprintHasher::new(&key::Scope::none(), &parts),
+            guard: Some(FlightGuard {
+                flights: shared.flights.clone(),
+                key: StoreKey([0; 32]),
+                flight: Arc::new(Flight {
+                    fingerprint: Fingerprint([0; 32]),
+                    outcome: OnceLock::new(),
+                    stream: OnceLock::new(),
+                    notify: Notify::new(),
+                }),
+                left: false,
+                done: false,
+            }),
+            inner: Handler,
+            req: Some(Request::from_parts(parts, RequestBody::inner(body))),
+        })
+    }
+
+    /// The boxed futures of a covered request stay within the sizes glibc's allocator serves
+    /// from its per-thread cache (1,032 bytes): a larger box takes the slow path and is copied
+    /// in whole. Guards against a change that quietly grows them (a future keeps everything it
+    /// captures, and everything live across an `.await`, for its whole life).
+    #[test]
+    fn per_request_futures_stay_small() {
+        let layer = IdempotencyLayer::new(MemoryStore::new());
+        let shared = layer.shared.clone();
+        let covered = covered(shared.clone(), job(&shared), None);
+        let (tx, _rx) = oneshot::channel();
+        let run = job(&shared).run(shared.clone(), tx);
+        let sizes = [
+            ("covered", std::mem::size_of_val(&covered)),
+            ("run", std::mem::size_of_val(&run)),
+            ("job", std::mem::size_of::<Job<Handler, Full<Bytes>>>()),
+        ];
+        eprintln!("{sizes:?}");
+        for (name, size) in sizes {
+            assert!(size <= 1024, "{name} future is {size} bytes");
+        }
+    }
 }
