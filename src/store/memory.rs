@@ -24,6 +24,8 @@ use crate::{
 const ENTRY_OVERHEAD: usize = 160;
 /// How often at most an over-capacity store sweeps every entry for expired ones.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+/// `last_sweep` before the first sweep.
+const NEVER: u64 = u64::MAX;
 
 /// An in-memory [`Store`], bounded by entries and by bytes.
 ///
@@ -52,50 +54,77 @@ struct Inner {
     len: AtomicUsize,
     bytes: AtomicUsize,
     seq: AtomicU64,
-    last_sweep: Mutex<Option<Instant>>,
+    /// Times are kept as nanoseconds since this instant: 8 bytes instead of 16.
+    epoch: Instant,
+    /// When the last sweep started (nanoseconds since `epoch`), or [`NEVER`].
+    last_sweep: AtomicU64,
     max_entries: usize,
     max_bytes: usize,
 }
 
-enum State {
-    InFlight {
-        fingerprint: Fingerprint,
-        token: u64,
-        lease_until: Instant,
-        ttl: Duration,
-        notify: Option<Arc<Notify>>,
-    },
-    Completed {
-        record: Arc<Record>,
-        expires: Instant,
-        seq: u64,
-    },
-    Abandoned {
-        fingerprint: Fingerprint,
-        expires: Instant,
-        seq: u64,
-    },
+/// One key. Kept to 32 bytes, so that a map slot (with its 32-byte key) is 64: the map is
+/// the store's memory, and each claim at capacity touches two slots nobody touched lately
+/// (the new key's and the evicted one's).
+struct Entry {
+    /// In flight: the end of the lease; completed or abandoned: the expiry.
+    until: u64,
+    /// In flight: the claim's token; completed or abandoned: the sequence number of that
+    /// transition, which names it in the eviction queue.
+    seq: u64,
+    state: State,
 }
 
-struct Entry {
-    state: State,
-    size: usize,
+enum State {
+    InFlight(Box<Claimed>),
+    Completed(Arc<Record>),
+    Abandoned(Box<Fingerprint>),
+}
+
+/// What an in-flight claim holds besides its lease and token.
+struct Claimed {
+    fingerprint: Fingerprint,
+    /// The TTL of the record to come (also of the abandoned mark, under `Reclaim::Never`).
+    ttl: Duration,
+    notify: Option<Arc<Notify>>,
 }
 
 impl Entry {
-    fn expired(&self, now: Instant) -> bool {
+    fn expired(&self, now: u64) -> bool {
         match &self.state {
-            State::InFlight { .. } => false,
-            State::Completed { expires, .. } | State::Abandoned { expires, .. } => *expires <= now,
+            State::InFlight(_) => false,
+            State::Completed(_) | State::Abandoned(_) => self.until <= now,
         }
     }
 
-    fn seq(&self) -> Option<u64> {
+    /// The sequence number that names this entry in the eviction queue, if it is queued.
+    fn queued_seq(&self) -> Option<u64> {
         match &self.state {
-            State::InFlight { .. } => None,
-            State::Completed { seq, .. } | State::Abandoned { seq, .. } => Some(*seq),
+            State::InFlight(_) => None,
+            State::Completed(_) | State::Abandoned(_) => Some(self.seq),
         }
     }
+
+    /// The claim of `token`, if this entry is it.
+    fn claimed_by(&self, token: Token) -> Option<&Claimed> {
+        match &self.state {
+            State::InFlight(c) if self.seq == token.0 => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Bytes accounted to this entry.
+    fn size(&self) -> usize {
+        ENTRY_OVERHEAD
+            + match &self.state {
+                State::Completed(record) => record.size(),
+                State::InFlight(_) | State::Abandoned(_) => 0,
+            }
+    }
+}
+
+/// `now` plus `d`, in nanoseconds, saturating.
+fn after(now: u64, d: Duration) -> u64 {
+    now.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 impl Default for MemoryStore {
@@ -135,7 +164,8 @@ impl MemoryStore {
                 len: AtomicUsize::new(0),
                 bytes: AtomicUsize::new(0),
                 seq: AtomicU64::new(1),
-                last_sweep: Mutex::new(None),
+                epoch: Instant::now(),
+                last_sweep: AtomicU64::new(NEVER),
                 max_entries: max_entries.max(1),
                 max_bytes,
             }),
@@ -179,6 +209,16 @@ impl Inner {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Now, in nanoseconds since the epoch (on tokio's clock, so a paused clock applies).
+    fn now(&self) -> u64 {
+        let since = Instant::now().saturating_duration_since(self.epoch);
+        u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn instant(&self, at: u64) -> Instant {
+        self.epoch + Duration::from_nanos(at)
+    }
+
     fn add_bytes(&self, old: usize, new: usize) {
         if new >= old {
             self.bytes.fetch_add(new - old, Ordering::AcqRel);
@@ -192,7 +232,7 @@ impl Inner {
         order.push_back((key, seq));
         // Stale items pile up when keys are dropped on expiry without eviction pressure.
         if order.len() > 2 * self.max_entries + 64 {
-            order.retain(|(k, s)| self.map.get(k).is_some_and(|e| e.seq() == Some(*s)));
+            order.retain(|(k, s)| self.map.get(k).is_some_and(|e| e.queued_seq() == Some(*s)));
         }
     }
 
@@ -201,7 +241,7 @@ impl Inner {
         match self.map.remove_if(key, |_, e| pred(e)) {
             Some((_, e)) => {
                 self.len.fetch_sub(1, Ordering::AcqRel);
-                self.bytes.fetch_sub(e.size, Ordering::AcqRel);
+                self.bytes.fetch_sub(e.size(), Ordering::AcqRel);
                 true
             }
             None => false,
@@ -209,13 +249,19 @@ impl Inner {
     }
 
     /// Drops every expired record, at most once per [`SWEEP_INTERVAL`].
-    fn sweep(&self, now: Instant) {
+    fn sweep(&self, now: u64) {
+        let last = self.last_sweep.load(Ordering::Acquire);
+        let interval = u64::try_from(SWEEP_INTERVAL.as_nanos()).unwrap_or(u64::MAX);
+        if last != NEVER && now.saturating_sub(last) < interval {
+            return;
+        }
+        // One sweeper at a time: the others go on without.
+        if self
+            .last_sweep
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
         {
-            let mut last = self.last_sweep.lock().unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|t| now.duration_since(t) < SWEEP_INTERVAL) {
-                return;
-            }
-            *last = Some(now);
+            return;
         }
         let mut freed = 0usize;
         let mut freed_bytes = 0usize;
@@ -223,7 +269,7 @@ impl Inner {
             let keep = !e.expired(now);
             if !keep {
                 freed += 1;
-                freed_bytes += e.size;
+                freed_bytes += e.size();
             }
             keep
         });
@@ -233,7 +279,7 @@ impl Inner {
 
     /// Evicts one completed record: an expired one if a sweep finds any, else the oldest.
     /// Must not be called while holding a map guard. Returns `false` when nothing can go.
-    fn evict_one(&self, now: Instant) -> bool {
+    fn evict_one(&self, now: u64) -> bool {
         let before = self.len.load(Ordering::Acquire);
         self.sweep(now);
         if self.len.load(Ordering::Acquire) < before {
@@ -247,14 +293,14 @@ impl Inner {
             let Some((key, seq)) = next else {
                 return false;
             };
-            if self.remove_if(&key, |e| e.seq() == Some(seq)) {
+            if self.remove_if(&key, |e| e.queued_seq() == Some(seq)) {
                 return true;
             }
         }
     }
 
     /// Takes one entry slot, evicting if needed.
-    fn reserve_slot(&self, now: Instant) -> Result<(), StoreError> {
+    fn reserve_slot(&self, now: u64) -> Result<(), StoreError> {
         loop {
             let n = self.len.load(Ordering::Acquire);
             if n < self.max_entries {
@@ -273,7 +319,7 @@ impl Inner {
         }
     }
 
-    fn enforce_bytes(&self, now: Instant) {
+    fn enforce_bytes(&self, now: u64) {
         while self.bytes.load(Ordering::Acquire) > self.max_bytes {
             if !self.evict_one(now) {
                 return;
@@ -281,80 +327,62 @@ impl Inner {
         }
     }
 
-    fn in_flight(&self, req: &ClaimRequest, now: Instant) -> (State, u64) {
+    /// A fresh claim; returns it and its token.
+    fn in_flight(&self, req: &ClaimRequest, now: u64) -> (Entry, u64) {
         let token = self.next_seq();
-        (
-            State::InFlight {
+        let entry = Entry {
+            until: after(now, req.lease),
+            seq: token,
+            state: State::InFlight(Box::new(Claimed {
                 fingerprint: req.fingerprint,
-                token,
-                lease_until: now + req.lease,
                 ttl: req.ttl,
                 notify: None,
-            },
-            token,
-        )
+            })),
+        };
+        (entry, token)
     }
 
     /// Decides a claim against an existing entry, updating it in place (an expired record or an
     /// expired lease is replaced by a fresh claim). The second value is the sequence number of
     /// an entry this call just marked abandoned: the caller queues it for eviction once the
     /// map guard is gone.
-    fn claim_existing(
-        &self,
-        e: &mut Entry,
-        req: &ClaimRequest,
-        now: Instant,
-    ) -> (Claim, Option<u64>) {
+    fn claim_existing(&self, e: &mut Entry, req: &ClaimRequest, now: u64) -> (Claim, Option<u64>) {
+        let live = e.until > now;
         match &mut e.state {
-            State::Completed {
-                record, expires, ..
-            } if *expires > now => {
+            State::Completed(record) if live => {
                 return (Claim::Completed(record.clone()), None);
             }
-            State::Abandoned {
-                fingerprint,
-                expires,
-                ..
-            } if *expires > now => {
-                let fingerprint = *fingerprint;
+            State::Abandoned(fingerprint) if live => {
+                let fingerprint = **fingerprint;
                 return (Claim::Abandoned { fingerprint }, None);
             }
-            State::InFlight {
-                fingerprint,
-                lease_until,
-                ttl,
-                notify,
-                ..
-            } if *lease_until <= now => {
+            State::InFlight(claimed) if !live => {
+                if let Some(n) = claimed.notify.take() {
+                    n.notify_waiters();
+                }
                 if req.reclaim == Reclaim::Never {
-                    let fingerprint = *fingerprint;
-                    let expires = now + *ttl;
-                    if let Some(n) = notify.take() {
-                        n.notify_waiters();
-                    }
+                    let fingerprint = claimed.fingerprint;
+                    let expires = after(now, claimed.ttl);
                     let seq = self.next_seq();
-                    e.state = State::Abandoned {
-                        fingerprint,
-                        expires,
+                    *e = Entry {
+                        until: expires,
                         seq,
+                        state: State::Abandoned(Box::new(fingerprint)),
                     };
                     return (Claim::Abandoned { fingerprint }, Some(seq));
                 }
                 // Compare-and-set: the expired claim is replaced by ours in the same step.
-                if let Some(n) = notify.take() {
-                    n.notify_waiters();
-                }
             }
-            State::InFlight { fingerprint, .. } => {
-                let fingerprint = *fingerprint;
+            State::InFlight(claimed) => {
+                let fingerprint = claimed.fingerprint;
                 return (Claim::InFlight { fingerprint }, None);
             }
             // An expired record: the key is free again.
-            State::Completed { .. } | State::Abandoned { .. } => {}
+            State::Completed(_) | State::Abandoned(_) => {}
         }
-        let (state, token) = self.in_flight(req, now);
-        e.state = state;
-        let old = std::mem::replace(&mut e.size, ENTRY_OVERHEAD);
+        let old = e.size();
+        let (fresh, token) = self.in_flight(req, now);
+        *e = fresh;
         self.add_bytes(old, ENTRY_OVERHEAD);
         (
             Claim::Acquired {
@@ -365,19 +393,11 @@ impl Inner {
     }
 
     /// Claims a key that had no entry, in a slot already reserved.
-    fn claim_vacant(
-        &self,
-        key: StoreKey,
-        req: &ClaimRequest,
-        now: Instant,
-    ) -> (Claim, Option<u64>) {
+    fn claim_vacant(&self, key: StoreKey, req: &ClaimRequest, now: u64) -> (Claim, Option<u64>) {
         match self.map.entry(key) {
             MapEntry::Vacant(v) => {
-                let (state, token) = self.in_flight(req, now);
-                v.insert(Entry {
-                    state,
-                    size: ENTRY_OVERHEAD,
-                });
+                let (entry, token) = self.in_flight(req, now);
+                v.insert(entry);
                 self.bytes.fetch_add(ENTRY_OVERHEAD, Ordering::AcqRel);
                 let token = Token(token);
                 (Claim::Acquired { token }, None)
@@ -394,7 +414,7 @@ impl Inner {
 impl MemoryStore {
     fn claim_now(&self, key: StoreKey, req: ClaimRequest) -> Result<Claim, StoreError> {
         let inner = &*self.inner;
-        let now = Instant::now();
+        let now = inner.now();
         let existing = inner
             .map
             .get_mut(&key)
@@ -420,7 +440,7 @@ impl MemoryStore {
         ttl: Duration,
     ) -> bool {
         let inner = &*self.inner;
-        let now = Instant::now();
+        let now = inner.now();
         let record = if record.size() + ENTRY_OVERHEAD > inner.max_bytes {
             Arc::new(Record {
                 fingerprint: record.fingerprint,
@@ -433,26 +453,19 @@ impl MemoryStore {
             let Some(mut e) = inner.map.get_mut(&key) else {
                 return false;
             };
-            let State::InFlight {
-                token: t, notify, ..
-            } = &mut e.state
-            else {
-                return false;
+            let e = &mut *e;
+            let notify = match &mut e.state {
+                State::InFlight(claimed) if e.seq == token.0 => claimed.notify.take(),
+                _ => return false,
             };
-            if *t != token.0 {
-                return false;
-            }
-            let notify = notify.take();
+            let old = e.size();
             let seq = inner.next_seq();
-            let size = record.size() + ENTRY_OVERHEAD;
-            e.state = State::Completed {
-                record,
-                expires: now + ttl,
+            *e = Entry {
+                until: after(now, ttl),
                 seq,
+                state: State::Completed(record),
             };
-            let old = std::mem::replace(&mut e.size, size);
-            inner.add_bytes(old, size);
-            drop(e);
+            inner.add_bytes(old, e.size());
             if let Some(n) = notify {
                 n.notify_waiters();
             }
@@ -465,16 +478,12 @@ impl MemoryStore {
 
     fn release_now(&self, key: StoreKey, token: Token) -> bool {
         let mut notify = None;
-        let removed = self.inner.remove_if(&key, |e| match &e.state {
-            State::InFlight {
-                token: t,
-                notify: n,
-                ..
-            } if *t == token.0 => {
-                notify = n.clone();
+        let removed = self.inner.remove_if(&key, |e| match e.claimed_by(token) {
+            Some(claimed) => {
+                notify = claimed.notify.clone();
                 true
             }
-            _ => false,
+            None => false,
         });
         if let Some(n) = notify {
             n.notify_waiters();
@@ -483,35 +492,27 @@ impl MemoryStore {
     }
 
     fn extend_now(&self, key: StoreKey, token: Token, lease: Duration) -> bool {
+        let now = self.inner.now();
         let Some(mut e) = self.inner.map.get_mut(&key) else {
             return false;
         };
-        match &mut e.state {
-            State::InFlight {
-                token: t,
-                lease_until,
-                ..
-            } if *t == token.0 => {
-                *lease_until = Instant::now() + lease;
-                true
-            }
-            _ => false,
+        if e.claimed_by(token).is_none() {
+            return false;
         }
+        e.until = after(now, lease);
+        true
     }
 
-    /// The notifier of `key`'s live claim and when its lease ends; `None` if it has none.
+    /// The notifier of `key`'s live claim, its token and when its lease ends; `None` if it
+    /// has none.
     fn watch(&self, key: &StoreKey) -> Option<(Arc<Notify>, u64, Instant)> {
-        let mut e = self.inner.map.get_mut(key)?;
+        let mut guard = self.inner.map.get_mut(key)?;
+        let e = &mut *guard;
         match &mut e.state {
-            State::InFlight {
-                token,
-                lease_until,
-                notify,
-                ..
-            } => Some((
-                notify.get_or_insert_with(Default::default).clone(),
-                *token,
-                *lease_until,
+            State::InFlight(claimed) => Some((
+                claimed.notify.get_or_insert_with(Default::default).clone(),
+                e.seq,
+                self.inner.instant(e.until),
             )),
             _ => None,
         }
@@ -521,7 +522,7 @@ impl MemoryStore {
         self.inner
             .map
             .get(key)
-            .is_some_and(|e| matches!(e.state, State::InFlight { token: t, .. } if t == token))
+            .is_some_and(|e| e.claimed_by(Token(token)).is_some())
     }
 }
 
@@ -580,5 +581,17 @@ impl Store for MemoryStore {
             let _ = tokio::time::timeout(timeout.min(until_lease), notified).await;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A map slot is the 32-byte key plus the entry: keep it to one 64-byte cache line's worth.
+    #[test]
+    fn an_entry_is_32_bytes() {
+        assert_eq!(size_of::<Entry>(), 32);
+        assert_eq!(size_of::<(StoreKey, Entry)>(), 64);
     }
 }
