@@ -7,7 +7,9 @@ use tower_layer::Layer;
 
 use crate::{
     key::Scope,
-    policy::{Concurrent, Config, FailureMode, KeyMode, default_is_stream, default_store_if},
+    policy::{
+        Concurrent, Config, FailureMode, KeyMode, LONGEST, default_is_stream, default_store_if,
+    },
     problem::{DefaultResponder, ProblemResponder},
     service::{Flights, IdempotencyService, Shared},
     store::{Reclaim, Store},
@@ -187,31 +189,33 @@ impl<St: Store> IdempotencyLayer<St> {
         self
     }
 
-    /// How long a record under a client-supplied key is kept. Default 24 hours.
+    /// How long a record under a client-supplied key is kept. Default 24 hours; values over
+    /// about 30 years count as 30 years.
     ///
     /// # Panics
     /// If `ttl` is zero.
     pub fn client_key_ttl(mut self, ttl: Duration) -> Self {
         assert!(!ttl.is_zero(), "client_key_ttl must be positive");
-        self.config().client_key_ttl = ttl;
+        self.config().client_key_ttl = ttl.min(LONGEST);
         self
     }
 
     /// How long a record under a derived key is kept. Default 60 seconds: long enough to absorb
     /// double clicks and automatic retries, short enough that a deliberate repeat later runs.
+    /// Values over about 30 years count as 30 years.
     ///
     /// # Panics
     /// If `ttl` is zero.
     pub fn derived_key_ttl(mut self, ttl: Duration) -> Self {
         assert!(!ttl.is_zero(), "derived_key_ttl must be positive");
-        self.config().derived_key_ttl = ttl;
+        self.config().derived_key_ttl = ttl.min(LONGEST);
         self
     }
 
     /// How long a duplicate waits for the original's outcome before a 409 with `Retry-After`.
-    /// Default 30 seconds.
+    /// Default 30 seconds; values over about 30 years count as 30 years.
     pub fn max_wait(mut self, wait: Duration) -> Self {
-        self.config().max_wait = wait;
+        self.config().max_wait = wait.min(LONGEST);
         self
     }
 
@@ -229,7 +233,7 @@ impl<St: Store> IdempotencyLayer<St> {
 
     /// The lease of a claim. Default 10 seconds. The leader renews it every third of a lease
     /// while the handler runs, so a slow handler keeps its claim; a crashed instance's claim
-    /// expires after one lease.
+    /// expires after one lease. Values over about 30 years count as 30 years.
     ///
     /// # Panics
     /// If `lease` is under 3 milliseconds.
@@ -238,7 +242,7 @@ impl<St: Store> IdempotencyLayer<St> {
             lease >= Duration::from_millis(3),
             "lease must be at least 3 ms"
         );
-        self.config().lease = lease;
+        self.config().lease = lease.min(LONGEST);
         self
     }
 
@@ -249,9 +253,10 @@ impl<St: Store> IdempotencyLayer<St> {
         self
     }
 
-    /// Timeout of one store operation; past it, the store counts as failed. Default 2 seconds.
+    /// Timeout of one store operation; past it, the store counts as failed. Default 2 seconds;
+    /// values over about 30 years count as 30 years.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
-        self.config().store_timeout = timeout;
+        self.config().store_timeout = timeout.min(LONGEST);
         self
     }
 

@@ -80,6 +80,16 @@ pub fn default_is_stream(parts: &response::Parts) -> bool {
 }
 
 /// Response headers never stored, whatever the configuration: hop-by-hop headers.
+/// The longest duration the layer and the stores work with (about 30 years, as tokio's own
+/// "far future"): longer settings count as this, so that no deadline computed from them can
+/// overflow and no Redis expiry can go out of range.
+pub(crate) const LONGEST: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// `now + d`, or [`LONGEST`] from now when that does not fit.
+pub(crate) fn deadline(now: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    now.checked_add(d).unwrap_or_else(|| now + LONGEST)
+}
+
 pub(crate) const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     header::TRANSFER_ENCODING,

@@ -39,7 +39,7 @@ use crate::{
     body::{Chunks, RequestBody, ResponseBody},
     future::ResponseFuture,
     key::{self, Fingerprint, FingerprintHasher, KeyHashBuilder, StoreKey},
-    policy::{Concurrent, Config, DoNotStore, FailureMode, KeyMode},
+    policy::{self, Concurrent, Config, DoNotStore, FailureMode, KeyMode},
     problem::{Problem, ProblemKind},
     record::{Record, StoredHeaders, StoredResponse},
     store::{Claim, ClaimRequest, Store, StoreError, Token},
@@ -525,7 +525,8 @@ where
             }
             let mut skip_stream = false;
             loop {
-                let until = *deadline.get_or_insert_with(|| Instant::now() + config.max_wait);
+                let until = *deadline
+                    .get_or_insert_with(|| policy::deadline(Instant::now(), config.max_wait));
                 match tokio::time::timeout_at(until, flight.wait(skip_stream)).await {
                     Err(_) => return Ok(shared.problem(ProblemKind::InFlight)),
                     Ok(Joined::Stream(tee)) => match tee.attach() {
@@ -642,13 +643,17 @@ where
                 Claim::InFlight { .. } => {
                     // Held by another instance: wait for it, then claim again.
                     let now = Instant::now();
-                    let until = *self.deadline.get_or_insert_with(|| now + config.max_wait);
+                    let until = *self
+                        .deadline
+                        .get_or_insert_with(|| policy::deadline(now, config.max_wait));
                     let left = until.saturating_duration_since(now);
                     if left.is_zero() {
                         break ProblemKind::InFlight;
                     }
                     let wait = shared.store.wait(self.key, left);
-                    let waited = Box::pin(shared.store_op(left + config.store_timeout, wait)).await;
+                    let waited =
+                        Box::pin(shared.store_op(left.saturating_add(config.store_timeout), wait))
+                            .await;
                     if let Err(error) = waited {
                         return Box::pin(self.store_failed(shared, error)).await;
                     }

@@ -297,6 +297,36 @@ async fn key_reused_while_in_flight_is_422() {
     assert_eq!(app.counter.get(), 1);
 }
 
+/// "Forever" settings: a duplicate that waits computes its deadline from `max_wait`, the store
+/// step's from `store_timeout`, the claim's from `lease` and the record's from the TTL; none
+/// may overflow (they used to panic at request time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbounded_durations_do_not_panic() {
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .max_wait(Duration::MAX)
+        .store_timeout(Duration::MAX)
+        .lease(Duration::MAX)
+        .client_key_ttl(Duration::MAX);
+    let (gate, app, url, first) = hold_first(layer, "forever", "a").await;
+    let duplicate = tokio::spawn(
+        client()
+            .post(&url)
+            .header("idempotency-key", "forever")
+            .body("a")
+            .send(),
+    );
+    // Time for the duplicate to reach the layer and start waiting; if it is late, it is
+    // replayed instead, and the test still checks the TTL arithmetic.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.open();
+    let res = first.await.unwrap().unwrap();
+    assert_eq!(res.status(), 201);
+    let res = duplicate.await.unwrap().unwrap();
+    assert_eq!(res.status(), 201);
+    assert!(is_replayed(&res));
+    assert_eq!(app.counter.get(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_wait_exceeded_is_409_with_retry_after() {
     let layer = IdempotencyLayer::new(MemoryStore::new()).max_wait(Duration::from_millis(200));

@@ -283,7 +283,7 @@ where
     }
 
     async fn wait_for(&self, key: StoreKey, timeout: Duration) -> Result<(), StoreError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::policy::deadline(Instant::now(), timeout);
         let rkey = self.redis_key(&key);
         // Subscribe, then read, then wait: a message published after the read is not missed,
         // and an outcome that came before the subscription is seen by the read.
@@ -307,8 +307,11 @@ where
                 return Ok(());
             }
             let next = deadline
-                .min(now + self.poll_interval)
-                .min(now + left + Duration::from_millis(1));
+                .min(crate::policy::deadline(now, self.poll_interval))
+                .min(crate::policy::deadline(
+                    now,
+                    left.saturating_add(Duration::from_millis(1)),
+                ));
             tokio::select! {
                 () = notified => return Ok(()),
                 () = tokio::time::sleep_until(next) => {}
@@ -361,8 +364,11 @@ fn fingerprint(v: &Value) -> Result<Fingerprint, StoreError> {
         .ok_or_else(|| StoreError::Corrupt("claim with a malformed fingerprint".into()))
 }
 
+/// Whole milliseconds, at least 1, at most [`LONGEST`](crate::policy::LONGEST): a lease plus a
+/// TTL stays an integer Redis accepts (a script that fails halfway keeps what it wrote).
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    let ms = d.min(crate::policy::LONGEST).as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX).max(1)
 }
 
 impl<C> Store for RedisStore<C>
