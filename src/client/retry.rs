@@ -2,7 +2,7 @@
 
 use std::{
     hash::{BuildHasher, RandomState},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use http::{HeaderMap, Method, StatusCode, header};
@@ -126,21 +126,16 @@ impl RetryPolicy {
 
     /// The delay before the next attempt, or `None` to hand the outcome to the caller.
     fn next_delay(&self, status: Option<(StatusCode, &HeaderMap)>) -> Option<Duration> {
-        let backoff = self.backoff();
         let Some((status, headers)) = status else {
-            return Some(backoff);
+            return Some(self.backoff());
         };
-        let retry_after = retry_after(headers);
-        let retryable = match status.as_u16() {
-            408 | 429 => true,
-            409 => retry_after.is_some(),
-            501 | 505 => false,
-            500..=599 => true,
-            _ => false,
+        // Decided on the status first: a success pays for nothing more.
+        let retry_after = match status.as_u16() {
+            408 | 429 | 500 | 502..=504 | 506..=599 => retry_after(headers),
+            409 => Some(retry_after(headers)?),
+            _ => return None,
         };
-        if !retryable {
-            return None;
-        }
+        let backoff = self.backoff();
         match retry_after {
             Some(after) if after > self.max_retry_after => None,
             Some(after) => Some(after.max(backoff)),
@@ -208,71 +203,64 @@ where
     }
 }
 
-/// `Retry-After` as a delay: delta-seconds, or an HTTP date (IMF-fixdate) from now.
+/// `Retry-After` as a delay: delta-seconds, or an HTTP date (any of the three forms RFC 9110
+/// requires recipients to accept) from now; a date in the past is no delay.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
     }
-    let at = parse_imf_fixdate(value)?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
-    Some(Duration::from_secs(at.saturating_sub(now)))
-}
-
-/// Seconds since the Unix epoch of an IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`.
-fn parse_imf_fixdate(s: &str) -> Option<u64> {
-    let mut it = s.split_ascii_whitespace();
-    let (_weekday, day, month, year, time, zone) = (
-        it.next()?,
-        it.next()?,
-        it.next()?,
-        it.next()?,
-        it.next()?,
-        it.next()?,
-    );
-    if zone != "GMT" || it.next().is_some() {
-        return None;
-    }
-    let day: u64 = day.parse().ok()?;
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| *m == month)? as u64
-        + 1;
-    let year: u64 = year.parse().ok()?;
-    let mut hms = time.split(':').map(|p| p.parse::<u64>().ok());
-    let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
-    if !(1..=31).contains(&day) || year < 1970 || h > 23 || m > 59 || sec > 60 {
-        return None;
-    }
-    // Days from the civil date (proleptic Gregorian), shifted so the year starts in March.
-    let (y, mo) = if month <= 2 {
-        (year - 1, month + 9)
-    } else {
-        (year, month - 3)
-    };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let doy = (153 * mo + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = (era * 146_097 + doe).checked_sub(719_468)?;
-    Some(days * 86_400 + h * 3600 + m * 60 + sec)
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use super::*;
 
+    fn after(value: &str) -> Option<Duration> {
+        let mut h = HeaderMap::new();
+        h.insert(header::RETRY_AFTER, value.parse().unwrap());
+        retry_after(&h)
+    }
+
     #[test]
-    fn imf_fixdate() {
+    fn retry_after_forms() {
+        let secs = |s: &str| {
+            httpdate::parse_http_date(s)
+                .ok()
+                .map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_secs())
+        };
+        assert_eq!(secs("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784_111_777));
+        assert_eq!(secs("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(secs("Sun, 06 Nov 1994 08:49:37 CET"), None);
+        assert_eq!(secs("soon"), None);
+        // The obsolete forms recipients must accept.
+        assert_eq!(secs("Sunday, 06-Nov-94 08:49:37 GMT"), Some(784_111_777));
+        assert_eq!(secs("Sun Nov  6 08:49:37 1994"), Some(784_111_777));
+        assert_eq!(after("120"), Some(Duration::from_secs(120)));
+        assert_eq!(after("Sun, 06 Nov 1994 08:49:37 GMT"), Some(Duration::ZERO));
+        for bad in [
+            "+5",
+            "-5",
+            "1.5",
+            "soon",
+            "Sun, 06 Nov 999999999999 08:49:37 GMT",
+        ] {
+            assert_eq!(after(bad), None, "{bad}");
+        }
         assert_eq!(
-            parse_imf_fixdate("Sun, 06 Nov 1994 08:49:37 GMT"),
-            Some(784_111_777)
+            after("99999999999999999999999"),
+            Some(Duration::from_secs(u64::MAX))
         );
-        assert_eq!(parse_imf_fixdate("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
-        assert_eq!(parse_imf_fixdate("Sun, 06 Nov 1994 08:49:37 CET"), None);
-        assert_eq!(parse_imf_fixdate("soon"), None);
+        let soon = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(90));
+        let d = after(&soon).unwrap();
+        assert!(
+            d > Duration::from_secs(80) && d <= Duration::from_secs(90),
+            "{d:?}"
+        );
     }
 
     #[test]
