@@ -852,6 +852,9 @@ where
     }
 }
 
+/// A lease renewal in progress.
+type Renewal<'a> = std::pin::Pin<Box<dyn Future<Output = Result<bool, StoreError>> + Send + 'a>>;
+
 /// Polls `work`, renewing the lease every third of it while `work` runs. Work that finishes at
 /// its first poll (a fast handler) never arms a timer.
 async fn heartbeat<St: Store, W: Future>(
@@ -870,18 +873,27 @@ async fn heartbeat<St: Store, W: Future>(
         let lease = shared.config.lease;
         let period = lease / 3;
         let mut tick = pin!(tokio::time::sleep(period));
+        // A renewal runs beside the work, never instead of it: the handler (and a stream being
+        // relayed) keeps going while the store answers, however slowly.
+        let mut renewal: Option<Renewal<'_>> = None;
         loop {
             tokio::select! {
                 biased;
                 out = work.as_mut() => return out,
-                () = tick.as_mut() => {
-                    let extend = shared.store.extend(key, token, lease);
-                    match shared.store_op(shared.config.store_timeout, extend).await {
-                        Ok(true) => {}
-                        Ok(false) => tracing::warn!(%key, "idempotency lease lost while the handler runs"),
-                        Err(error) => tracing::warn!(%key, %error, "idempotency lease renewal failed"),
+                result = async { Some(renewal.as_mut()?.await) }, if renewal.is_some() => {
+                    renewal = None;
+                    match result {
+                        Some(Ok(true)) | None => {}
+                        Some(Ok(false)) => tracing::warn!(%key, "idempotency lease lost while the handler runs"),
+                        Some(Err(error)) => tracing::warn!(%key, %error, "idempotency lease renewal failed"),
                     }
+                }
+                () = tick.as_mut() => {
                     tick.as_mut().reset(Instant::now() + period);
+                    if renewal.is_none() {
+                        let extend = shared.store.extend(key, token, lease);
+                        renewal = Some(Box::pin(shared.store_op(shared.config.store_timeout, extend)));
+                    }
                 }
             }
         }

@@ -563,6 +563,88 @@ impl Store for DownStore {
     }
 }
 
+/// A `MemoryStore` whose lease renewals hang until the test opens a gate, as a slow Redis
+/// would answer them.
+#[derive(Clone, Default)]
+struct SlowRenewals {
+    store: MemoryStore,
+    gate: Gate,
+    renewals: Counter,
+}
+
+impl Store for SlowRenewals {
+    async fn claim(&self, key: StoreKey, req: ClaimRequest) -> Result<Claim, StoreError> {
+        self.store.claim(key, req).await
+    }
+    async fn complete(
+        &self,
+        key: StoreKey,
+        token: Token,
+        record: Arc<Record>,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.store.complete(key, token, record, ttl).await
+    }
+    async fn release(&self, key: StoreKey, token: Token) -> Result<bool, StoreError> {
+        self.store.release(key, token).await
+    }
+    async fn extend(
+        &self,
+        key: StoreKey,
+        token: Token,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.renewals.hit();
+        self.gate.wait().await;
+        self.store.extend(key, token, lease).await
+    }
+    async fn wait(&self, key: StoreKey, timeout: Duration) -> Result<(), StoreError> {
+        self.store.wait(key, timeout).await
+    }
+}
+
+/// Works in 40 steps of 5 ms, counting each.
+async fn stepping(State(steps): State<Counter>) -> &'static str {
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        steps.hit();
+    }
+    "done"
+}
+
+/// The handler keeps running while a lease renewal waits on the store: the renewal is polled
+/// beside the work, not instead of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_lease_renewal_does_not_stall_the_handler() {
+    let store = SlowRenewals::default();
+    let layer = IdempotencyLayer::new(store.clone())
+        .lease(Duration::from_millis(30))
+        .store_timeout(Duration::from_secs(30));
+    let (steps, url) = serve_route(stepping, layer).await;
+    let res = tokio::spawn(
+        client()
+            .post(url.as_str())
+            .header("idempotency-key", "s")
+            .send(),
+    );
+    assert!(eventually(Duration::from_secs(10), || store.renewals.get() >= 1).await);
+    let at_renewal = steps.get();
+    // The renewal is held at the gate; the handler must still finish all its steps.
+    assert!(
+        eventually(Duration::from_secs(10), || steps.get() == 40).await,
+        "the handler stalled at step {} (step {at_renewal} when the renewal started)",
+        steps.get()
+    );
+    assert!(
+        at_renewal < 40,
+        "the renewal started before the handler's work"
+    );
+    store.gate.open();
+    let res = res.await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "done");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_down_fails_closed_with_503() {
     let (counter, url) = serve_route(counted_ok, IdempotencyLayer::new(DownStore)).await;
