@@ -655,7 +655,11 @@ where
                         Box::pin(shared.store_op(left.saturating_add(config.store_timeout), wait))
                             .await;
                     if let Err(error) = waited {
-                        return Box::pin(self.store_failed(shared, error)).await;
+                        // The store did decide: another instance holds the key. Failing open
+                        // here would run the request beside it, so claim again after a pause:
+                        // that claim answers, or fails and the failure mode applies to it.
+                        tracing::debug!(key = %self.key, %error, "idempotency wait failed; claiming again");
+                        tokio::time::sleep(left.min(WAIT_RETRY)).await;
                     }
                 }
             }
@@ -851,6 +855,9 @@ where
         }
     }
 }
+
+/// The pause before claiming again after a failed wait.
+const WAIT_RETRY: Duration = Duration::from_millis(50);
 
 /// A lease renewal in progress.
 type Renewal<'a> = std::pin::Pin<Box<dyn Future<Output = Result<bool, StoreError>> + Send + 'a>>;

@@ -645,6 +645,88 @@ async fn a_slow_lease_renewal_does_not_stall_the_handler() {
     assert_eq!(res.text().await.unwrap(), "done");
 }
 
+/// A shared `MemoryStore` whose waits always fail: claims still answer.
+#[derive(Clone, Default)]
+struct BrokenWaits(MemoryStore);
+
+impl Store for BrokenWaits {
+    async fn claim(&self, key: StoreKey, req: ClaimRequest) -> Result<Claim, StoreError> {
+        self.0.claim(key, req).await
+    }
+    async fn complete(
+        &self,
+        key: StoreKey,
+        token: Token,
+        record: Arc<Record>,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.0.complete(key, token, record, ttl).await
+    }
+    async fn release(&self, key: StoreKey, token: Token) -> Result<bool, StoreError> {
+        self.0.release(key, token).await
+    }
+    async fn extend(
+        &self,
+        key: StoreKey,
+        token: Token,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.0.extend(key, token, lease).await
+    }
+    async fn wait(&self, _: StoreKey, _: Duration) -> Result<(), StoreError> {
+        Err(down())
+    }
+}
+
+/// Fail-open is for a store that cannot decide. One that answered "held by another instance"
+/// and then failed to wait has decided: the duplicate must not run beside the original.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_wait_never_runs_the_request_beside_the_holder() {
+    let store = BrokenWaits::default();
+    let gate = Gate::default();
+    let app = App {
+        gate: Some(gate.clone()),
+        ..app()
+    };
+    // Two instances: separate layers (no shared in-process coalescing), one store.
+    let open = || IdempotencyLayer::new(store.clone()).failure_mode(FailureMode::Open);
+    let addr1 = serve(
+        Router::new()
+            .route("/pay", post(pay))
+            .layer(open())
+            .with_state(app.clone()),
+    )
+    .await;
+    let addr2 = serve(
+        Router::new()
+            .route("/pay", post(pay))
+            .layer(open())
+            .with_state(app.clone()),
+    )
+    .await;
+    let send = |addr: std::net::SocketAddr| {
+        client()
+            .post(format!("http://{addr}/pay"))
+            .header("idempotency-key", "held")
+            .body("a")
+            .send()
+    };
+    let first = tokio::spawn(send(addr1));
+    assert!(eventually(Duration::from_secs(10), || app.started.get() == 1).await);
+    let second = tokio::spawn(send(addr2));
+    // The second instance claims, is told "in flight", and its wait fails; give it time to
+    // do so a few times.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.started.get(), 1, "the duplicate ran beside the holder");
+    gate.open();
+    let res = first.await.unwrap().unwrap();
+    assert_eq!(res.status(), 201);
+    let res = second.await.unwrap().unwrap();
+    assert_eq!(res.status(), 201);
+    assert!(is_replayed(&res));
+    assert_eq!(app.counter.get(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_down_fails_closed_with_503() {
     let (counter, url) = serve_route(counted_ok, IdempotencyLayer::new(DownStore)).await;
