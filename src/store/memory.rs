@@ -89,9 +89,13 @@ struct Claimed {
 }
 
 impl Entry {
+    /// Whether a sweep may drop this entry. An in-flight claim goes once its lease and then
+    /// its TTL have passed, as the key of a Redis claim does: its holder stopped renewing a
+    /// lease ago and never came back (a runtime shut down mid-request), and the slot must not
+    /// stay taken forever.
     fn expired(&self, now: u64) -> bool {
         match &self.state {
-            State::InFlight(_) => false,
+            State::InFlight(claimed) => after(self.until, claimed.ttl) <= now,
             State::Completed(_) | State::Abandoned(_) => self.until <= now,
         }
     }
@@ -587,6 +591,32 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn claim_request(ttl: Duration) -> ClaimRequest {
+        ClaimRequest {
+            fingerprint: Fingerprint([7; 32]),
+            lease: Duration::from_secs(10),
+            ttl,
+            reclaim: Reclaim::AfterLease,
+        }
+    }
+
+    /// A claim whose holder never settles it stops taking a slot after its lease and TTL.
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_claim_frees_its_slot_after_lease_and_ttl() {
+        let store = MemoryStore::new().max_entries(1);
+        let req = claim_request(Duration::from_secs(60));
+        let claim = store.claim(StoreKey([1; 32]), req).await.unwrap();
+        assert!(matches!(claim, Claim::Acquired { .. }));
+        // Full of a live claim: a new key is refused.
+        let other = store.claim(StoreKey([2; 32]), req).await;
+        assert!(matches!(other, Err(StoreError::Capacity)), "{other:?}");
+        // Lease (10 s) + TTL (60 s) later, the dead claim is swept and the slot is free.
+        tokio::time::advance(Duration::from_secs(71)).await;
+        let other = store.claim(StoreKey([2; 32]), req).await.unwrap();
+        assert!(matches!(other, Claim::Acquired { .. }));
+        assert_eq!(store.len(), 1);
+    }
 
     /// A map slot is the 32-byte key plus the entry: keep it to one 64-byte cache line's worth.
     #[test]
