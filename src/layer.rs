@@ -158,9 +158,9 @@ impl<St: Store> IdempotencyLayer<St> {
         self
     }
 
-    /// Largest response body the layer keeps for replay. Default 1 MiB. A larger (or streaming)
-    /// response is delivered to its client unbuffered, and the key is marked completed but not
-    /// replayable.
+    /// Largest response body the layer keeps for replay. Default 1 MiB. A larger response is
+    /// relayed to its clients as it streams, and the key is marked completed but not replayable;
+    /// a stream that ends within the limit is stored and replayed like any response.
     pub fn max_stored_response(mut self, bytes: usize) -> Self {
         self.config().max_stored_response = bytes;
         self
@@ -178,9 +178,12 @@ impl<St: Store> IdempotencyLayer<St> {
         self
     }
 
-    /// Which responses are streams, delivered unbuffered and never stored. Default:
+    /// Which responses are streams: relayed frame by frame to the leader's client and to every
+    /// duplicate that attaches, instead of being read whole first. Default:
     /// `content-type: text/event-stream` ([`default_is_stream`](crate::policy::default_is_stream)).
-    /// A body whose size hint exceeds the stored-response limit is treated the same way.
+    /// A body that outgrows the stored-response limit is relayed the same way. A stream that
+    /// ends within the limit is stored and replayed; a longer one leaves the key completed but
+    /// not replayable.
     pub fn is_stream<F>(mut self, f: F) -> Self
     where
         F: Fn(&response::Parts) -> bool + Send + Sync + 'static,

@@ -42,7 +42,7 @@
 //!
 //! Every answer of the layer itself is an RFC 9457 problem (see [`problem`]).
 #![forbid(unsafe_code)]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
 pub mod client;
