@@ -184,14 +184,19 @@ fn main() {
         let totals = Totals::default();
         let mut warm = layered();
         rt.block_on(async {
-            let req: Request<Full<Bytes>> = post(&data, 7);
-            let res = ServiceExt::<Request<Full<Bytes>>>::ready(&mut warm)
-                .await
-                .unwrap()
-                .call(req)
-                .await
-                .unwrap();
-            assert_eq!(res.status(), StatusCode::CREATED);
+            // The first request runs; the second must be a replay, or this would time first
+            // executions under the replay label.
+            for replayed in [false, true] {
+                let req: Request<Full<Bytes>> = post(&data, 7);
+                let res = ServiceExt::<Request<Full<Bytes>>>::ready(&mut warm)
+                    .await
+                    .unwrap()
+                    .call(req)
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), StatusCode::CREATED);
+                assert_eq!(res.headers().contains_key("idempotent-replayed"), replayed);
+            }
         });
         let (d1, d2) = (data.clone(), data.clone());
         let mut variants = vec![
