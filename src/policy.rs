@@ -79,7 +79,6 @@ pub fn default_is_stream(parts: &response::Parts) -> bool {
     })
 }
 
-/// Response headers never stored, whatever the configuration: hop-by-hop headers.
 /// The longest duration the layer and the stores work with (about 30 years, as tokio's own
 /// "far future"): longer settings count as this, so that no deadline computed from them can
 /// overflow and no Redis expiry can go out of range.
@@ -90,12 +89,13 @@ pub(crate) fn deadline(now: tokio::time::Instant, d: Duration) -> tokio::time::I
     now.checked_add(d).unwrap_or_else(|| now + LONGEST)
 }
 
-pub(crate) const HOP_BY_HOP: [HeaderName; 6] = [
+/// Response headers never stored, whatever the configuration: hop-by-hop headers. (`Trailer`
+/// is not one: it announces the trailer fields, and HTTP/1 servers send none without it.)
+pub(crate) const HOP_BY_HOP: [HeaderName; 5] = [
     header::CONNECTION,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::TE,
-    header::TRAILER,
     header::PROXY_AUTHENTICATE,
 ];
 

@@ -158,3 +158,53 @@ async fn strip_list_is_configurable() {
     let replay = svc.oneshot(request()).await.unwrap();
     assert!(replay.headers().get("x-kept").is_none());
 }
+
+/// A chunked response with a `Trailer` header and a trailer field, as a handler over HTTP/1
+/// sends it.
+async fn checksummed(State(c): State<Counter>) -> Response<TestBody> {
+    c.hit();
+    let mut res = with_trailers();
+    res.headers_mut().clear();
+    res.headers_mut()
+        .insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
+    res
+}
+
+/// Trailers reach the client over a real HTTP/1 connection, on the first execution and on the
+/// replay: the response announces them (`Trailer` is not hop-by-hop) and its body does not
+/// claim an exact length (which would make the server send `Content-Length`, and no trailers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_survive_http1_first_and_replayed() {
+    let counter = Counter::default();
+    let app = Router::new()
+        .route("/jobs", post(checksummed))
+        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .with_state(counter.clone());
+    let addr = serve(app).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    for replayed in [false, true] {
+        let req = Request::post(format!("http://{addr}/jobs"))
+            .header("idempotency-key", "sum-1")
+            .header(header::TE, "trailers")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let res = client.request(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        assert_eq!(res.headers().contains_key(REPLAYED), replayed);
+        assert_eq!(
+            res.headers()[header::TRAILER],
+            "x-checksum",
+            "replayed: {replayed}"
+        );
+        let body = res.into_body().collect().await.unwrap();
+        let trailers = body.trailers().cloned();
+        assert_eq!(body.to_bytes(), "part one, part two");
+        assert_eq!(
+            trailers.as_ref().and_then(|t| t.get("x-checksum")),
+            Some(&HeaderValue::from_static("abc123")),
+            "replayed: {replayed}"
+        );
+    }
+    assert_eq!(counter.get(), 1);
+}
