@@ -17,7 +17,7 @@
 //! validates every length against the input, every name, value and status, and rejects trailing
 //! bytes: anything else is [`StoreError::Corrupt`], never a panic.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use http::{HeaderName, HeaderValue, StatusCode};
 
 use crate::{
@@ -35,13 +35,14 @@ const HAS_TRAILERS: u8 = 2;
 /// Encodes `record` in the current version.
 pub(super) fn encode(record: &Record) -> Vec<u8> {
     let cap = 2 + 1 + 32 + 1 + record.size();
-    let mut out = BytesMut::with_capacity(cap);
+    // A `Vec` (it is a `BufMut` too): handed to the script call as is, no second copy.
+    let mut out = Vec::with_capacity(cap);
     out.put_slice(&MAGIC);
     out.put_u8(VERSION);
     out.put_slice(&record.fingerprint.0);
     let Some(res) = &record.response else {
         out.put_u8(0);
-        return out.to_vec();
+        return out;
     };
     let flags = HAS_RESPONSE
         | if res.trailers.is_some() {
@@ -57,10 +58,10 @@ pub(super) fn encode(record: &Record) -> Vec<u8> {
     if let Some(t) = &res.trailers {
         put_headers(&mut out, t);
     }
-    out.to_vec()
+    out
 }
 
-fn put_varint(out: &mut BytesMut, mut n: u64) {
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
         out.put_u8((n as u8) | 0x80);
         n >>= 7;
@@ -68,7 +69,7 @@ fn put_varint(out: &mut BytesMut, mut n: u64) {
     out.put_u8(n as u8);
 }
 
-fn put_headers(out: &mut BytesMut, headers: &StoredHeaders) {
+fn put_headers(out: &mut Vec<u8>, headers: &StoredHeaders) {
     put_varint(out, headers.len() as u64);
     for (name, value) in headers {
         put_varint(out, name.as_str().len() as u64);
