@@ -8,6 +8,7 @@
 //! last one length-prefixed, and the body length appended after the body.
 
 use std::{
+    borrow::Cow,
     fmt,
     hash::{BuildHasher, Hasher, RandomState},
 };
@@ -209,20 +210,7 @@ impl KeyError {
 }
 
 /// A client key as it was read, borrowed from the header when no unescaping was needed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ClientKey<'a> {
-    Borrowed(&'a [u8]),
-    Owned(Vec<u8>),
-}
-
-impl ClientKey<'_> {
-    pub(crate) fn as_bytes(&self) -> &[u8] {
-        match self {
-            ClientKey::Borrowed(b) => b,
-            ClientKey::Owned(v) => v,
-        }
-    }
-}
+pub(crate) type ClientKey<'a> = Cow<'a, [u8]>;
 
 /// Reads the `Idempotency-Key` header: `Ok(None)` when absent.
 pub(crate) fn parse_header(headers: &HeaderMap) -> Result<Option<ClientKey<'_>>, KeyError> {
@@ -253,9 +241,9 @@ pub(crate) fn parse_value(raw: &[u8]) -> Result<ClientKey<'_>, KeyError> {
                 _ => return Err(KeyError::Invalid),
             }
         }
-        ClientKey::Borrowed(raw)
+        Cow::Borrowed(raw)
     };
-    match key.as_bytes().len() {
+    match key.len() {
         0 => Err(KeyError::Empty),
         n if n > MAX_KEY_LEN => Err(KeyError::TooLong),
         _ => Ok(key),
@@ -287,8 +275,8 @@ fn parse_sf_string(raw: &[u8]) -> Result<ClientKey<'_>, KeyError> {
                     });
                 }
                 return Ok(match owned {
-                    Some(v) => ClientKey::Owned(v),
-                    None => ClientKey::Borrowed(&raw[1..i]),
+                    Some(v) => Cow::Owned(v),
+                    None => Cow::Borrowed(&raw[1..i]),
                 });
             }
             b @ 0x20..=0x7e => {
@@ -361,7 +349,7 @@ mod tests {
     use super::*;
 
     fn ok(raw: &str) -> Vec<u8> {
-        parse_value(raw.as_bytes()).unwrap().as_bytes().to_vec()
+        parse_value(raw.as_bytes()).unwrap().to_vec()
     }
 
     #[test]
@@ -396,7 +384,7 @@ mod tests {
             );
         }
         assert_eq!(
-            parse_value("a".repeat(255).as_bytes()).map(|k| k.as_bytes().len()),
+            parse_value("a".repeat(255).as_bytes()).map(|k| k.len()),
             Ok(255)
         );
         assert_eq!(

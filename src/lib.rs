@@ -71,5 +71,5 @@ pub use service::IdempotencyService;
 pub use store::RedisStore;
 pub use store::{MemoryStore, Reclaim, Store, StoreError};
 
-/// The boxed error type of response bodies.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The boxed error type of response bodies (tower's).
+pub use tower::BoxError;

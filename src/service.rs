@@ -122,7 +122,6 @@ struct FlightGuard {
     key: StoreKey,
     flight: Arc<Flight>,
     left: bool,
-    done: bool,
 }
 
 impl FlightGuard {
@@ -137,7 +136,6 @@ impl FlightGuard {
     }
 
     fn publish(&mut self, outcome: Outcome) {
-        self.done = true;
         // Leave the table first, so a waiter that starts over never finds this flight again.
         self.leave();
         let _ = self.flight.outcome.set(outcome);
@@ -147,7 +145,7 @@ impl FlightGuard {
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
-        if !self.done {
+        if self.flight.outcome.get().is_none() {
             self.publish(Outcome::Abandoned);
         }
     }
@@ -239,7 +237,7 @@ where
             return ResponseFuture::ready(self.shared.problem(ProblemKind::BodyTooLarge));
         }
         let scope = (config.scope)(&parts);
-        let client_key = client_key.map(|k| key::client_store_key(&scope, k.as_bytes()));
+        let client_key = client_key.map(|k| key::client_store_key(&scope, &k));
         let hasher = FingerprintHasher::new(&scope, &parts);
         // The readied service goes with this request; `self` keeps a fresh clone.
         let clone = self.inner.clone();
@@ -513,7 +511,6 @@ where
                     key,
                     flight,
                     left: false,
-                    done: false,
                 });
                 return job.lead(shared).await;
             }
@@ -1094,7 +1091,6 @@ mod tests {
                     notify: Notify::new(),
                 }),
                 left: false,
-                done: false,
             }),
             inner: Handler,
             req: Some(Request::from_parts(parts, RequestBody::inner(body))),
