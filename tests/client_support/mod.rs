@@ -1,29 +1,22 @@
-//! Shared pieces of the client tests: loopback servers and counters.
-#![allow(dead_code, unreachable_pub)]
+//! Shared pieces of the client tests: a server that drops connections, and the keys it saw.
+//! The loopback server and the counter are the HTTP tests' own (`tests/harness`).
+#![allow(dead_code, unreachable_pub, unused_imports)] // each test binary uses a part
+
+#[path = "../harness/mod.rs"]
+mod harness;
+pub use harness::{Counter, serve};
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex},
 };
 
-use axum::Router;
 use http::{HeaderMap, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tower::{Service, ServiceExt};
-
-/// Serves `app` on 127.0.0.1:0 for the rest of the test; returns its address.
-pub async fn serve(app: Router) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
 
 /// Serves a service that may fail: an error closes the connection without an answer, a real
 /// dropped connection as the client sees it.
@@ -53,21 +46,6 @@ where
         }
     });
     addr
-}
-
-/// A shared counter.
-#[derive(Clone, Default)]
-pub struct Counter(Arc<AtomicUsize>);
-
-impl Counter {
-    /// Adds one; returns the new count.
-    pub fn hit(&self) -> usize {
-        self.0.fetch_add(1, Ordering::SeqCst) + 1
-    }
-
-    pub fn get(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
-    }
 }
 
 /// The `Idempotency-Key` of every request seen, in order.
