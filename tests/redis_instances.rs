@@ -177,3 +177,85 @@ async fn handler_three_leases_long_runs_once() {
     }
     assert_eq!(counter.runs(), 1, "executions of the handler");
 }
+
+/// Pub/sub only ever speeds waiters up. A subscriber connection that accepts but never
+/// answers (a half-open socket, a stalled proxy) must not hold a waiter until `max_wait`: the
+/// subscribe is bounded by the store's timeout, then the waiter polls and gets the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_connection_does_not_hold_waiters() {
+    const MAX_WAIT: Duration = Duration::from_secs(40);
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    // A "Redis" for pub/sub that completes the connection handshake (+OK to each command) and
+    // then never answers a SUBSCRIBE: a connection that went silent after it was made.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("redis://{}/", silent.local_addr().unwrap());
+    let subscribes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn({
+        let subscribes = subscribes.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut socket, _)) = silent.accept().await {
+                let subscribes = subscribes.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut mute = false;
+                    while let Ok(n) = socket.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        let text = String::from_utf8_lossy(&buf[..n]).to_ascii_uppercase();
+                        if text.contains("SUBSCRIBE") {
+                            subscribes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            mute = true;
+                        }
+                        if !mute {
+                            let commands =
+                                text.split("\r\n").filter(|l| l.starts_with('*')).count();
+                            let _ = socket.write_all(&b"+OK\r\n".repeat(commands)).await;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    let counter = Counter::default();
+    let work = Duration::from_millis(500);
+    let mut apps = Vec::new();
+    for _ in 0..2 {
+        let store = RedisStore::connect(server.url())
+            .await
+            .expect("connect")
+            .prefix("stall:")
+            .timeout(Duration::from_millis(300))
+            .notifications(redis::Client::open(silent_url.as_str()).unwrap());
+        let layer = IdempotencyLayer::new(store).max_wait(MAX_WAIT);
+        apps.push(serve(pay_router(counter.clone(), work).layer(layer)).await);
+    }
+    let client = client();
+    let (a, b) = (apps[0].url("/pay"), apps[1].url("/pay"));
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { post(&client, &a, "stall-1").await }
+    });
+    counter.started().await;
+    let asked = std::time::Instant::now();
+    let (dup, replayed) = post(&client, &b, "stall-1").await;
+    // Not a speed check: the original takes 0.5 s; a waiter held by the stalled subscribe is
+    // answered only when its max_wait runs out.
+    assert!(
+        asked.elapsed() < MAX_WAIT / 2,
+        "the waiter was held {:?} by the stalled subscriber",
+        asked.elapsed()
+    );
+    let (orig, _) = first.await.unwrap();
+    assert!(
+        subscribes.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the waiter never tried to subscribe: the stall was not exercised"
+    );
+    assert_eq!(dup.status, 201, "the waiter gave up: {dup:?}");
+    assert!(replayed);
+    assert_eq!(dup, orig);
+    assert_eq!(counter.runs(), 1);
+}

@@ -111,8 +111,9 @@ impl Notifier {
     }
 
     /// Registers interest in `channel` and subscribes to it, waiting for the server's
-    /// confirmation (so a message published after this returns is delivered) until `deadline`.
-    /// Without pub/sub, or when subscribing fails, the watch is never notified: callers poll.
+    /// confirmation (so a message published after this returns is delivered) until `deadline`
+    /// or the connection timeout, whichever is sooner. Without pub/sub, or when subscribing
+    /// fails or times out, the watch is never notified: callers poll.
     pub(super) async fn watch(&self, channel: &str, deadline: Instant) -> Watch {
         let notify = {
             let mut e = self
@@ -128,12 +129,26 @@ impl Notifier {
             watches: self.watches.clone(),
             sink: None,
         };
-        if let Some(mut sink) = self.sink(deadline).await {
-            let sub = tokio::time::timeout_at(deadline, sink.subscribe(channel)).await;
-            if matches!(sub, Ok(Ok(()))) {
-                watch.sink = Some(sink);
-            } else {
-                tracing::debug!(channel, "idempotency pub/sub subscribe failed; polling");
+        // Pub/sub only speeds a waiter up: every step of it is bounded by the connection
+        // timeout, never by the waiter's own (much longer) deadline.
+        let until = deadline.min(crate::policy::deadline(
+            Instant::now(),
+            self.connect_timeout,
+        ));
+        if let Some(mut sink) = self.sink(until).await {
+            match tokio::time::timeout_at(until, sink.subscribe(channel)).await {
+                Ok(Ok(())) => watch.sink = Some(sink),
+                Ok(Err(_)) => {
+                    tracing::debug!(channel, "idempotency pub/sub subscribe failed; polling");
+                }
+                Err(_) => {
+                    // A connection that does not answer: the next waiter makes a new one.
+                    tracing::debug!(channel, "idempotency pub/sub subscribe timed out; polling");
+                    if let Ok(mut conn) = self.conn.try_lock() {
+                        conn.live = None;
+                        conn.last_failure = Some(Instant::now());
+                    }
+                }
             }
         }
         watch
@@ -158,8 +173,7 @@ impl Notifier {
         {
             return None;
         }
-        let until = deadline.min(Instant::now() + self.connect_timeout);
-        match tokio::time::timeout_at(until, client.get_async_pubsub()).await {
+        match tokio::time::timeout_at(deadline, client.get_async_pubsub()).await {
             Ok(Ok(pubsub)) => {
                 let (sink, stream) = pubsub.split();
                 let alive = Arc::new(AtomicBool::new(true));
