@@ -91,12 +91,14 @@ pub(crate) fn deadline(now: tokio::time::Instant, d: Duration) -> tokio::time::I
 
 /// Response headers never stored, whatever the configuration: hop-by-hop headers. (`Trailer`
 /// is not one: it announces the trailer fields, and HTTP/1 servers send none without it.)
-pub(crate) const HOP_BY_HOP: [HeaderName; 5] = [
+pub(crate) const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::TE,
     header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
 ];
 
 /// The layer's whole configuration, shared by every service it makes.
@@ -129,10 +131,7 @@ impl Config {
     }
 
     pub(crate) fn keeps_header(&self, name: &HeaderName) -> bool {
-        !HOP_BY_HOP.contains(name)
-            && name.as_str() != "keep-alive"
-            && name.as_str() != "proxy-connection"
-            && !self.strip_headers.contains(name)
+        !HOP_BY_HOP.contains(name) && !self.strip_headers.contains(name)
     }
 }
 

@@ -364,7 +364,19 @@ impl<St: Store> Shared<St> {
 
     /// Headers that may be stored and replayed, compactly.
     fn storable_headers(&self, headers: &HeaderMap) -> StoredHeaders {
-        let kept = |(name, _): &(&HeaderName, &HeaderValue)| self.config.keeps_header(name);
+        // Fields a `Connection` header names are hop-by-hop too (RFC 9110, 7.6.1).
+        let connection = headers.get_all(header::CONNECTION);
+        let by_connection = |name: &HeaderName| {
+            connection.iter().any(|v| {
+                v.to_str().is_ok_and(|v| {
+                    v.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
+                })
+            })
+        };
+        let kept = |(name, _): &(&HeaderName, &HeaderValue)| {
+            self.config.keeps_header(name) && !by_connection(name)
+        };
         let mut pairs = Vec::with_capacity(headers.iter().filter(kept).count());
         pairs.extend(
             headers

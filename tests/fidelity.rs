@@ -97,7 +97,9 @@ fn with_trailers() -> Response<TestBody> {
     Response::builder()
         .status(StatusCode::ACCEPTED)
         .header(header::CONNECTION, "x-private")
+        .header("x-private", "for this hop only")
         .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
         .header(header::TRANSFER_ENCODING, "chunked")
         .header(header::UPGRADE, "h2c")
         .header("x-kept", "yes")
@@ -129,7 +131,14 @@ async fn replay_keeps_trailers_and_drops_hop_by_hop_headers() {
     assert_eq!(replay.status(), StatusCode::ACCEPTED);
     assert_eq!(replay.headers()[REPLAYED], "true");
     assert_eq!(replay.headers()["x-kept"], "yes");
-    for hop in ["connection", "keep-alive", "transfer-encoding", "upgrade"] {
+    for hop in [
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+        "x-private",
+    ] {
         assert!(replay.headers().get(hop).is_none(), "{hop} replayed");
     }
     let body = replay.into_body().collect().await.unwrap();
