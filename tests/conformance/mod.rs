@@ -286,8 +286,11 @@ async fn wakes_on<S: Store + Clone>(store: &S, complete: bool) {
         s.wait(key, Duration::from_secs(50)).await.expect("wait");
         start.elapsed()
     });
-    // Let the waiter reach its wait (if it does not, it sees the outcome on its first read).
-    tokio::task::yield_now().await;
+    // Let the waiter get into its wait: subscribed, first read done. A single yield did not
+    // ensure that, and a waiter that starts after the outcome sees it on its first read, so a
+    // broken wake-up would have passed. (Loopback Redis takes about a millisecond for it.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "the waiter returned while the key was held");
     if complete {
         let rec = Arc::new(rich_record(fp(1)));
         assert!(store.complete(key, t, rec, LONG).await.unwrap());
