@@ -11,6 +11,8 @@ use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
 #[derive(Clone, Default)]
 struct Slow {
+    /// Requests that reached the router (in front of the idempotency layer).
+    arrived: Counter,
     started: Counter,
     done: Counter,
     gate: Gate,
@@ -25,9 +27,16 @@ async fn charge(State(s): State<Slow>) -> (http::StatusCode, String) {
 
 async fn start() -> (Slow, String) {
     let slow = Slow::default();
+    let arrived = slow.arrived.clone();
     let app = Router::new()
         .route("/charge", post(charge))
         .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .layer(tower::util::MapRequestLayer::new(
+            move |req: axum::extract::Request| {
+                arrived.hit();
+                req
+            },
+        ))
         .with_state(slow.clone());
     let addr = serve(app).await;
     (slow, format!("http://{addr}/charge"))
@@ -90,6 +99,13 @@ async fn client_timeout_then_retry_while_running_waits_for_the_result() {
             .header("idempotency-key", "pay-2")
             .body("amount=7")
             .send(),
+    );
+    // Open the gate only once the retry is in: it must find the first attempt still running.
+    assert!(eventually(Duration::from_secs(10), || slow.arrived.get() == 2).await);
+    assert_eq!(
+        slow.done.get(),
+        0,
+        "the first attempt finished before the retry came"
     );
     slow.gate.open();
     let res = retry.await.unwrap().unwrap();

@@ -290,7 +290,10 @@ async fn wakes_on<S: Store + Clone>(store: &S, complete: bool) {
     // ensure that, and a waiter that starts after the outcome sees it on its first read, so a
     // broken wake-up would have passed. (Loopback Redis takes about a millisecond for it.)
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!waiter.is_finished(), "the waiter returned while the key was held");
+    assert!(
+        !waiter.is_finished(),
+        "the waiter returned while the key was held"
+    );
     if complete {
         let rec = Arc::new(rich_record(fp(1)));
         assert!(store.complete(key, t, rec, LONG).await.unwrap());
