@@ -279,6 +279,35 @@ async fn key_reused_with_another_body_is_422() {
     assert_eq!(app.counter.get(), 1);
 }
 
+/// The fingerprint covers the method and the path too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_reused_with_another_method_or_path_is_422() {
+    let app = app();
+    let router = Router::new()
+        .route("/pay", post(pay).patch(pay))
+        .route("/refund", post(pay))
+        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .with_state(app.clone());
+    let addr = serve(router).await;
+    let client = client();
+    let send = |method: reqwest::Method, path: &str| {
+        client
+            .request(method, format!("http://{addr}{path}"))
+            .header("idempotency-key", "order-2")
+            .body("amount=1")
+            .send()
+    };
+    assert_eq!(
+        send(reqwest::Method::POST, "/pay").await.unwrap().status(),
+        201
+    );
+    let res = send(reqwest::Method::PATCH, "/pay").await.unwrap();
+    assert_problem(res, 422, "key-reused").await;
+    let res = send(reqwest::Method::POST, "/refund").await.unwrap();
+    assert_problem(res, 422, "key-reused").await;
+    assert_eq!(app.counter.get(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_reused_while_in_flight_is_422() {
     let (gate, app, url, first) =
@@ -498,6 +527,57 @@ async fn event_stream_is_relayed_then_replayed() {
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     assert_eq!(res.text().await.unwrap(), "data: one\n\ndata: two\n\n");
     assert_eq!(counter.get(), 1);
+}
+
+#[derive(Clone, Default)]
+struct PanicAfterGate {
+    started: Counter,
+    gate: Gate,
+}
+
+async fn panics_after_gate(State(s): State<PanicAfterGate>) -> &'static str {
+    s.started.hit();
+    s.gate.wait().await;
+    panic!("handler bug while a duplicate waits");
+}
+
+/// Duplicates waiting on an original that panics get the 500 problem (with `Retry-After`),
+/// not a hang and not a second run of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_of_a_panicking_original_get_500() {
+    let state = PanicAfterGate::default();
+    let arrived = Counter::default();
+    let seen = arrived.clone();
+    let router = Router::new()
+        .route("/boom", post(panics_after_gate))
+        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .layer(tower::util::MapRequestLayer::new(
+            move |req: axum::extract::Request| {
+                seen.hit();
+                req
+            },
+        ))
+        .with_state(state.clone());
+    let addr = serve(router).await;
+    let send = || {
+        client()
+            .post(format!("http://{addr}/boom"))
+            .header("idempotency-key", "boom-2")
+            .send()
+    };
+    let first = tokio::spawn(send());
+    assert!(eventually(Duration::from_secs(10), || state.started.get() == 1).await);
+    let waiters: Vec<_> = (0..3).map(|_| tokio::spawn(send())).collect();
+    assert!(eventually(Duration::from_secs(10), || arrived.get() == 4).await);
+    state.gate.open();
+    let res = first.await.unwrap().unwrap();
+    assert_problem(res, 500, "first-attempt-failed").await;
+    for w in waiters {
+        let res = w.await.unwrap().unwrap();
+        assert_eq!(res.headers()["retry-after"], "1");
+        assert_problem(res, 500, "first-attempt-failed").await;
+    }
+    assert_eq!(state.started.get(), 1, "a waiter ran the handler itself");
 }
 
 async fn panics_first(State(c): State<Counter>) -> &'static str {
