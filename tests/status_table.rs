@@ -643,16 +643,17 @@ impl Store for DownStore {
     }
 }
 
-/// A `MemoryStore` whose lease renewals hang until the test opens a gate, as a slow Redis
-/// would answer them.
+/// A `MemoryStore` with faults a real store can have: lease renewals that hang until a gate
+/// opens (a slow Redis), and waits that always fail (claims still answer).
 #[derive(Clone, Default)]
-struct SlowRenewals {
+struct Faulty {
     store: MemoryStore,
-    gate: Gate,
+    renewal_gate: Option<Gate>,
     renewals: Counter,
+    waits_fail: bool,
 }
 
-impl Store for SlowRenewals {
+impl Store for Faulty {
     async fn claim(&self, key: StoreKey, req: ClaimRequest) -> Result<Claim, StoreError> {
         self.store.claim(key, req).await
     }
@@ -675,10 +676,15 @@ impl Store for SlowRenewals {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         self.renewals.hit();
-        self.gate.wait().await;
+        if let Some(gate) = &self.renewal_gate {
+            gate.wait().await;
+        }
         self.store.extend(key, token, lease).await
     }
     async fn wait(&self, key: StoreKey, timeout: Duration) -> Result<(), StoreError> {
+        if self.waits_fail {
+            return Err(down());
+        }
         self.store.wait(key, timeout).await
     }
 }
@@ -696,7 +702,11 @@ async fn stepping(State(steps): State<Counter>) -> &'static str {
 /// beside the work, not instead of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_lease_renewal_does_not_stall_the_handler() {
-    let store = SlowRenewals::default();
+    let gate = Gate::default();
+    let store = Faulty {
+        renewal_gate: Some(gate.clone()),
+        ..Faulty::default()
+    };
     let layer = IdempotencyLayer::new(store.clone())
         .lease(Duration::from_millis(30))
         .store_timeout(Duration::from_secs(30));
@@ -719,50 +729,20 @@ async fn a_slow_lease_renewal_does_not_stall_the_handler() {
         at_renewal < 40,
         "the renewal started before the handler's work"
     );
-    store.gate.open();
+    gate.open();
     let res = res.await.unwrap().unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(res.text().await.unwrap(), "done");
-}
-
-/// A shared `MemoryStore` whose waits always fail: claims still answer.
-#[derive(Clone, Default)]
-struct BrokenWaits(MemoryStore);
-
-impl Store for BrokenWaits {
-    async fn claim(&self, key: StoreKey, req: ClaimRequest) -> Result<Claim, StoreError> {
-        self.0.claim(key, req).await
-    }
-    async fn complete(
-        &self,
-        key: StoreKey,
-        token: Token,
-        record: Arc<Record>,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        self.0.complete(key, token, record, ttl).await
-    }
-    async fn release(&self, key: StoreKey, token: Token) -> Result<bool, StoreError> {
-        self.0.release(key, token).await
-    }
-    async fn extend(
-        &self,
-        key: StoreKey,
-        token: Token,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        self.0.extend(key, token, lease).await
-    }
-    async fn wait(&self, _: StoreKey, _: Duration) -> Result<(), StoreError> {
-        Err(down())
-    }
 }
 
 /// Fail-open is for a store that cannot decide. One that answered "held by another instance"
 /// and then failed to wait has decided: the duplicate must not run beside the original.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_wait_never_runs_the_request_beside_the_holder() {
-    let store = BrokenWaits::default();
+    let store = Faulty {
+        waits_fail: true,
+        ..Faulty::default()
+    };
     let gate = Gate::default();
     let app = App {
         gate: Some(gate.clone()),
