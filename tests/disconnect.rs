@@ -27,16 +27,10 @@ async fn charge(State(s): State<Slow>) -> (http::StatusCode, String) {
 
 async fn start() -> (Slow, String) {
     let slow = Slow::default();
-    let arrived = slow.arrived.clone();
     let app = Router::new()
         .route("/charge", post(charge))
         .layer(IdempotencyLayer::new(MemoryStore::new()))
-        .layer(tower::util::MapRequestLayer::new(
-            move |req: axum::extract::Request| {
-                arrived.hit();
-                req
-            },
-        ))
+        .layer(count_arrivals(slow.arrived.clone()))
         .with_state(slow.clone());
     let addr = serve(app).await;
     (slow, format!("http://{addr}/charge"))

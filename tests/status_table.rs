@@ -547,16 +547,10 @@ async fn panics_after_gate(State(s): State<PanicAfterGate>) -> &'static str {
 async fn waiters_of_a_panicking_original_get_500() {
     let state = PanicAfterGate::default();
     let arrived = Counter::default();
-    let seen = arrived.clone();
     let router = Router::new()
         .route("/boom", post(panics_after_gate))
         .layer(IdempotencyLayer::new(MemoryStore::new()))
-        .layer(tower::util::MapRequestLayer::new(
-            move |req: axum::extract::Request| {
-                seen.hit();
-                req
-            },
-        ))
+        .layer(count_arrivals(arrived.clone()))
         .with_state(state.clone());
     let addr = serve(router).await;
     let send = || {

@@ -52,6 +52,18 @@ impl Gate {
     }
 }
 
+/// A layer that counts the requests reaching it: put it outside the idempotency layer to know
+/// a duplicate has arrived before letting the original finish.
+pub fn count_arrivals(
+    arrived: Counter,
+) -> tower::util::MapRequestLayer<impl Fn(axum::extract::Request) -> axum::extract::Request + Clone>
+{
+    tower::util::MapRequestLayer::new(move |req| {
+        arrived.hit();
+        req
+    })
+}
+
 /// Serves `app` on a fresh loopback port; the server lives as long as the runtime.
 pub async fn serve(app: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
